@@ -1,0 +1,13 @@
+"""Pallas GPU kernels for weight-only quantized (WINT2/WINT4/WINT8) matmuls, and the bit formats.
+
+Imports only jax and numpy: no Flax and nothing from ``jaxwint2`` (checked by a test).
+"""
+
+# ---- WINT2 bit format (exact spec) ----
+from .wint2 import GROUP_SIZE as GROUP_SIZE
+from .wint2 import count_unfused_mismatches as count_unfused_mismatches
+from .wint2 import decode_wint2 as decode_wint2
+from .wint2 import dequantize_wint2 as dequantize_wint2
+from .wint2 import shuffle_k as shuffle_k
+from .wint2 import shuffled_k_index as shuffled_k_index
+from .wint2 import unshuffle_k as unshuffle_k
