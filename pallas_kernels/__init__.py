@@ -11,3 +11,8 @@ from .wint2 import dequantize_wint2 as dequantize_wint2
 from .wint2 import shuffle_k as shuffle_k
 from .wint2 import shuffled_k_index as shuffled_k_index
 from .wint2 import unshuffle_k as unshuffle_k
+
+# ---- weight-only quantized matmuls (runtime layout: jaxwint2/layout.py) ----
+from .api import quant_grouped_matmul as quant_grouped_matmul
+from .api import quant_matmul as quant_matmul
+from .reference import dequantize as dequantize

@@ -1,0 +1,82 @@
+"""Public weight-only quantized matmul ops and their implementation dispatch.
+
+``implementation``: ``"pallas"`` (the Pallas kernel; on a CPU it runs in interpret mode, and
+naming it never falls back silently), ``"xla"`` (the pure-jnp reference), or ``None`` (the Pallas
+kernel on a GPU that supports the shape, the reference elsewhere).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from . import reference
+from .reference import Activation, Fmt
+
+Implementation = str | None
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _kernels():
+    from . import kernels  # imported lazily: the Pallas modules are heavier than the reference
+
+    return kernels
+
+
+def quant_matmul(x: jax.Array, w: dict[str, jax.Array], *, fmt: Fmt, k_order: str = "natural",
+                 activation: Activation = None, row_scale: jax.Array | None = None,
+                 out_dtype=None, implementation: Implementation = None) -> jax.Array:
+    """``y = epilogue(x @ W)`` for a runtime-layout ``<linear>`` ``w`` (see jaxwint2/layout.py).
+
+    Args:
+      x: ``[M, K]`` bf16 or f32 activations.
+      w: the linear's leaves (``weight`` / ``quant_weight`` + scales) in runtime layout.
+      fmt: ``"bf16" | "wint8" | "wint4" | "wint2"``.
+      k_order: WINT2 in-group K order of the checkpoint.
+      activation: ``None`` or ``"swiglu"`` (``silu(y[:, :N/2]) * y[:, N/2:]``).
+      row_scale: optional ``[M]`` factors applied to the output rows.
+      out_dtype: defaults to ``x.dtype``.
+      implementation: ``"pallas"``, ``"xla"`` or ``None`` (best available).
+    """
+    kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
+              out_dtype=out_dtype)
+    if implementation == "xla":
+        return reference.quant_matmul_reference(x, w, **kw)
+    if implementation not in ("pallas", None):
+        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
+    if implementation is None and not _on_gpu():
+        return reference.quant_matmul_reference(x, w, **kw)
+    try:
+        return _kernels().quant_matmul(x, w, interpret=not _on_gpu(), **kw)
+    except NotImplementedError:
+        if implementation == "pallas":
+            raise
+        return reference.quant_matmul_reference(x, w, **kw)
+
+
+def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax.Array, *,
+                         fmt: Fmt, k_order: str = "natural", activation: Activation = None,
+                         row_scale: jax.Array | None = None, out_dtype=None,
+                         implementation: Implementation = None) -> jax.Array:
+    """Grouped (MoE) ``y[rows of e] = epilogue(x[rows of e] @ W[e])``; rows sorted by group.
+
+    Args as :func:`quant_matmul`, plus ``group_sizes`` int32 ``[E]`` (rows per expert, in
+    order; may sum to less than M, trailing rows are padding and come out as zeros), and ``w``
+    stacked ``[E, ...]``.
+    """
+    kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
+              out_dtype=out_dtype)
+    if implementation == "xla":
+        return reference.quant_grouped_matmul_reference(x, w, group_sizes, **kw)
+    if implementation not in ("pallas", None):
+        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
+    if implementation is None and not _on_gpu():
+        return reference.quant_grouped_matmul_reference(x, w, group_sizes, **kw)
+    try:
+        return _kernels().quant_grouped_matmul(x, w, group_sizes, interpret=not _on_gpu(), **kw)
+    except NotImplementedError:
+        if implementation == "pallas":
+            raise
+        return reference.quant_grouped_matmul_reference(x, w, group_sizes, **kw)
