@@ -1,0 +1,245 @@
+"""The device side of the engine: scheduled chunks -> bucketed arrays -> ``model.step_jit`` -> tokens.
+
+Owns the paged KV cache array (created by ``model.init_cache``), the shape buckets and the
+sampling call. Each step runs at most two model calls, each with a shape taken from a fixed set
+so that nothing recompiles once every bucket has been seen:
+
+* decode rows (one token each): ``tokens [B, 1]`` with ``B`` a power of two up to
+  ``max_num_seqs``;
+* prefill chunks: ``tokens [Bp, T]`` with ``Bp`` a power of two up to ``max_prefill_seqs`` and
+  ``T`` a power of two (at least 16) up to ``max_prefill_chunk``;
+* block tables ``[B, P]`` with ``P`` a power of two of blocks up to ``max_blocks_per_seq``, so
+  attention over short contexts does not pay for ``max_model_len``.
+
+Padding rows and tokens carry position ``-1`` (the model neither writes nor reads them). Each
+distinct shape is one compilation, counted for ``/metrics``. Sampling keys are
+``fold_in(key(seed), n_generated)``, so a request's tokens never depend on its batch mates.
+
+Knows nothing about requests' lifecycles, queues or text; the scheduler decides *what* runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .scheduler import ScheduledChunk
+
+log = logging.getLogger(__name__)
+
+MIN_PREFILL_LEN = 16
+
+
+def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two from ``lo`` up to ``hi``, with ``hi`` itself always last."""
+    out, b = [], 1
+    while b < hi:
+        if b >= lo:
+            out.append(b)
+        b *= 2
+    return (*out, hi)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_prefill_seqs: int
+    max_prefill_chunk: int
+    max_blocks_per_seq: int
+    min_block_bucket: int = 4
+
+
+def _resolve_sampler() -> Callable:
+    try:
+        from jaxwint2 import sampling  # the model package owns sampling
+    except ImportError:  # TODO(serve): drop once jaxwint2.sampling has landed everywhere
+        return _sample_fallback
+    return sampling.sample
+
+
+def _sample_fallback(logits, keys, temperature, top_p, top_k):
+    """Temperature / top-k / top-p sampling with per-row keys (same contract as
+    ``jaxwint2.sampling.sample``); used only while that module is absent."""
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    keep = jnp.arange(v)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    ranked = jnp.where(keep, ranked, -jnp.inf)
+    pick = jax.vmap(jax.random.categorical)(keys, ranked)
+    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Host arrays of one model call plus the request ids of its real rows."""
+
+    request_ids: list[str | None]    # None for rows that are not sampled
+    tokens: np.ndarray               # int32 [B, T]
+    positions: np.ndarray            # int32 [B, T]
+    block_tables: np.ndarray         # int32 [B, P]
+    logits_at: np.ndarray            # int32 [B]
+    seeds: np.ndarray                # uint32 [B, 2]
+    counters: np.ndarray             # int32 [B]
+    temperature: np.ndarray          # f32 [B]
+    top_p: np.ndarray                # f32 [B]
+    top_k: np.ndarray                # int32 [B]
+
+
+class ModelRunner:
+    """Runs scheduled chunks on the device and samples their next tokens.
+
+    Example:
+      >>> runner = ModelRunner(model, RunnerConfig(num_blocks=256, block_size=16, max_num_seqs=8,
+      ...     max_prefill_seqs=4, max_prefill_chunk=64, max_blocks_per_seq=32))   # doctest: +SKIP
+      >>> runner.execute(sched_out.chunks)   # {request_id: token}                  # doctest: +SKIP
+    """
+
+    def __init__(self, model, config: RunnerConfig, *, sample_fn: Callable | None = None):
+        self.model = model
+        self.config = config
+        c = config
+        self.cache = model.init_cache(c.num_blocks, c.block_size)
+        self.decode_buckets = pow2_buckets(1, c.max_num_seqs)
+        self.prefill_batch_buckets = pow2_buckets(1, c.max_prefill_seqs)
+        self.prefill_len_buckets = pow2_buckets(min(MIN_PREFILL_LEN, c.max_prefill_chunk),
+                                                c.max_prefill_chunk)
+        self.block_buckets = pow2_buckets(min(c.min_block_bucket, c.max_blocks_per_seq),
+                                          c.max_blocks_per_seq)
+        sample = sample_fn or _resolve_sampler()
+
+        def sample_rows(logits, seeds, counters, temperature, top_p, top_k):
+            def row_key(seed, counter):
+                key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+                return jax.random.fold_in(key, counter)
+
+            keys = jax.vmap(row_key)(seeds, counters)
+            return sample(logits, keys, temperature, top_p, top_k)
+
+        self._sample = jax.jit(sample_rows)
+        self._shapes: set[tuple] = set()
+        self._lock = threading.Lock()
+        self.num_compilations = 0
+
+    # ---- shapes ----
+    def _note_shape(self, *key) -> None:
+        with self._lock:
+            if key not in self._shapes:
+                self._shapes.add(key)
+                self.num_compilations += 1
+                log.info("compiling %s", key)
+
+    @property
+    def shapes(self) -> frozenset[tuple]:
+        return frozenset(self._shapes)
+
+    def _block_bucket(self, blocks: int) -> int:
+        return bucket(max(blocks, 1), self.block_buckets)
+
+    # ---- batches ----
+    def _empty(self, b: int, t: int, p: int) -> _Batch:
+        return _Batch(
+            request_ids=[None] * b,
+            tokens=np.zeros((b, t), np.int32),
+            positions=np.full((b, t), -1, np.int32),
+            block_tables=np.zeros((b, p), np.int32),
+            logits_at=np.zeros((b,), np.int32),
+            seeds=np.zeros((b, 2), np.uint32),
+            counters=np.zeros((b,), np.int32),
+            temperature=np.zeros((b,), np.float32),
+            top_p=np.ones((b,), np.float32),
+            top_k=np.zeros((b,), np.int32),
+        )
+
+    def _build(self, chunks: Sequence[ScheduledChunk], b: int, t: int) -> _Batch:
+        bs = self.config.block_size
+        blocks = max(math.ceil((c.start + c.num_tokens) / bs) for c in chunks)
+        batch = self._empty(b, t, self._block_bucket(blocks))
+        for i, c in enumerate(chunks):
+            req, n = c.req, c.num_tokens
+            batch.tokens[i, :n] = req.token_ids[c.start:c.start + n]
+            batch.positions[i, :n] = np.arange(c.start, c.start + n)
+            batch.block_tables[i, :len(req.block_ids)] = req.block_ids
+            batch.logits_at[i] = n - 1
+            if c.sample:
+                p = req.params
+                batch.request_ids[i] = req.request_id
+                batch.seeds[i] = (req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF)
+                batch.counters[i] = req.num_output_tokens
+                batch.temperature[i] = p.temperature
+                batch.top_p[i] = p.top_p
+                batch.top_k[i] = p.top_k
+        return batch
+
+    def _launch(self, batch: _Batch) -> jax.Array:
+        b, t = batch.tokens.shape
+        self._note_shape("step", b, t, batch.block_tables.shape[1])
+        self._note_shape("sample", b)
+        logits, self.cache = self.model.step_jit(
+            jnp.asarray(batch.tokens), jnp.asarray(batch.positions),
+            jnp.asarray(batch.block_tables), self.cache, logits_at=jnp.asarray(batch.logits_at))
+        return self._sample(logits, batch.seeds, batch.counters, batch.temperature,
+                            batch.top_p, batch.top_k)
+
+    def execute(self, chunks: Sequence[ScheduledChunk]) -> dict[str, int]:
+        """Run one step; returns the new token of every chunk that samples."""
+        decode = [c for c in chunks if c.num_tokens == 1]
+        prefill = [c for c in chunks if c.num_tokens > 1]
+        launched: list[tuple[_Batch, jax.Array]] = []
+        if decode:
+            batch = self._build(decode, bucket(len(decode), self.decode_buckets), 1)
+            launched.append((batch, self._launch(batch)))
+        if prefill:
+            b = bucket(len(prefill), self.prefill_batch_buckets)
+            t = bucket(max(c.num_tokens for c in prefill), self.prefill_len_buckets)
+            batch = self._build(prefill, b, t)
+            launched.append((batch, self._launch(batch)))
+        tokens = jax.device_get([tok for _, tok in launched])    # one host sync per step
+        out: dict[str, int] = {}
+        for (batch, _), toks in zip(launched, tokens, strict=True):
+            for rid, tok in zip(batch.request_ids, toks.tolist(), strict=True):
+                if rid is not None:
+                    out[rid] = int(tok)
+        return out
+
+    # ---- warm-up ----
+    def warmup_shapes(self, level: str) -> list[tuple[int, int, int]]:
+        """Shapes ``(B, T, P)`` compiled before serving: ``none``, ``minimal`` (smallest decode
+        and prefill), or ``all`` decode and prefill-length buckets at the smallest ``P``."""
+        p = self.block_buckets[0]
+        if level == "none":
+            return []
+        if level == "minimal":
+            return [(1, 1, p), (1, self.prefill_len_buckets[0], p)]
+        if level == "all":
+            return ([(b, 1, p) for b in self.decode_buckets]
+                    + [(1, t, p) for t in self.prefill_len_buckets])
+        raise ValueError(f"warmup level {level!r} is not one of none/minimal/all")
+
+    def warmup(self, level: str = "minimal") -> None:
+        """Compile the step and sampler for a set of shapes with all-padding batches (positions
+        ``-1``: the cache is left untouched)."""
+        for b, t, p in self.warmup_shapes(level):
+            jax.block_until_ready(self._launch(self._empty(b, t, p)))
