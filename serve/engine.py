@@ -25,6 +25,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from .block_manager import BlockManager, kv_bytes_per_block, num_blocks_for_budget
 from .detokenizer import IncrementalDetokenizer
 from .request import FinishReason, Request, RequestOutput, SamplingParams
@@ -151,7 +153,8 @@ class Engine:
         self.config = config
         self.observer = observer
         self._sample_fn = sample_fn
-        self.vocab_size = int(model.cfg.vocab_size)
+        self.model_config = getattr(model, "cfg", None) or model.config
+        self.vocab_size = int(self.model_config.vocab_size)
         self.eos_ids = frozenset(getattr(tokenizer, "stop_token_ids", None)
                                  or {tokenizer.eos_token_id})
         self.num_blocks = config.num_blocks or num_blocks_for_budget(
@@ -177,8 +180,9 @@ class Engine:
     # ---- sizing ----
     @property
     def bytes_per_block(self) -> int:
-        cfg = self.model.cfg
-        dtype_bytes = getattr(self.model, "cache_dtype_bytes", 2)
+        cfg = self.model_config
+        dtype_bytes = getattr(self.model, "cache_dtype_bytes", None) or \
+            np.dtype(self.model.compute_dtype).itemsize
         return kv_bytes_per_block(num_layers=cfg.num_hidden_layers,
                                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
                                   block_size=self.config.block_size, dtype_bytes=dtype_bytes)
@@ -383,3 +387,21 @@ class Engine:
 def _put_all(items) -> None:
     for t, out in items:
         t.queue.put_nowait(out)
+
+
+def load_engine(model_path: str | None = None, *, kernels: str = "auto",
+                tensor_parallel_size: int = 1, config: EngineConfig = EngineConfig(),
+                start: bool = True) -> tuple[Engine, object]:
+    """Load a converted checkpoint (or the embedded demo model when ``model_path`` is None)
+    and build an engine over it; returns ``(engine, tokenizer)``."""
+    import jaxwint2
+    from jaxwint2.tokenizer import Tokenizer
+
+    if model_path is None:
+        from jaxwint2.demo import ensure_demo_model
+
+        model_path = str(ensure_demo_model())
+    model = jaxwint2.load(model_path, kernels=kernels, tensor_parallel_size=tensor_parallel_size)
+    tokenizer = Tokenizer.from_dir(model_path)
+    engine = Engine(model, tokenizer, config)
+    return (engine.start() if start else engine), tokenizer

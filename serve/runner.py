@@ -122,6 +122,7 @@ class ModelRunner:
         self.config = config
         c = config
         self.cache = model.init_cache(c.num_blocks, c.block_size)
+        self._step = model.step_jit      # bound once: the model's weights are fixed
         self.decode_buckets = pow2_buckets(1, c.max_num_seqs)
         self.prefill_batch_buckets = pow2_buckets(1, c.max_prefill_seqs)
         self.prefill_len_buckets = pow2_buckets(min(MIN_PREFILL_LEN, c.max_prefill_chunk),
@@ -197,7 +198,7 @@ class ModelRunner:
         b, t = batch.tokens.shape
         self._note_shape("step", b, t, batch.block_tables.shape[1])
         self._note_shape("sample", b)
-        logits, self.cache = self.model.step_jit(
+        logits, self.cache = self._step(
             jnp.asarray(batch.tokens), jnp.asarray(batch.positions),
             jnp.asarray(batch.block_tables), self.cache, logits_at=jnp.asarray(batch.logits_at))
         return self._sample(logits, batch.seeds, batch.counters, batch.temperature,
