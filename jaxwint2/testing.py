@@ -177,16 +177,20 @@ def write_hf_checkpoint(dst: str | os.PathLike, *, seed: int = 0, tie_word_embed
     torch.manual_seed(seed)
     hf_cfg = transformers.Ernie4_5_MoeConfig(**hf_config_kwargs(cfg))
     model = transformers.Ernie4_5_MoeForCausalLM(hf_cfg)
+    model = model.to(getattr(torch, dtype))
+    for name, p in model.named_parameters():  # as HF's _keep_in_fp32_modules_strict does
+        if name.endswith("mlp.gate.weight") or "moe_statics" in name:
+            p.data = p.data.float()
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad():  # filled after the cast: the fp32 bias keeps its +-0.05 spread
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1 + 0.1 * (2 * torch.rand(p.shape, generator=g) - 1))
+                x = 1 + 0.1 * (2 * torch.rand(p.shape, generator=g) - 1)
             elif "e_score_correction_bias" in name:
-                p.copy_(30 + 0.05 * (2 * torch.rand(p.shape, generator=g) - 1))
+                x = 30 + 0.05 * (2 * torch.rand(p.shape, generator=g) - 1)
             else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    model = model.to(getattr(torch, dtype))
+                x = 0.02 * torch.randn(p.shape, generator=g)
+            p.copy_(x.to(p.dtype))
     dst = pathlib.Path(dst)
     model.save_pretrained(dst)
     import json
