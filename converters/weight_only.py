@@ -18,36 +18,55 @@ import ml_dtypes
 import numpy as np
 
 
+# Each layout keeps every group of columns in one contiguous run of bytes: columns 2b, 2b+1
+# (int8) or 4b..4b+3 (int4) fill bytes [2K*b, 2K*(b+1)). The placement inside a run depends only
+# on (k, n % group), so one small [K, group] table describes it and a [K, N] index array (8x the
+# weight's size: gigabytes for ERNIE-300B's dense MLP) is never built.
+
+
 @functools.lru_cache(maxsize=64)
-def int8_positions(k: int, n: int) -> np.ndarray:
-    """Flat byte index ``[K, N]`` of element (k, n) in Paddle's int8 ``quant_weight [N, K]``."""
-    if k % 64 or n % 2:
-        raise ValueError(f"int8 weight_quantize layout needs K % 64 == 0 and N % 2 == 0, got {k=} {n=}")
+def _int8_table(k: int) -> np.ndarray:
+    """Byte offset ``[K, 2]`` of element (k, n) inside the 2K-byte run of its column pair."""
     kk = np.arange(k)[:, None]
-    nn = np.arange(n)[None, :]
     j = kk % 16
     jp = np.where(j < 8, 2 * j, 2 * (j - 8) + 1)
     kk = 16 * (kk // 16) + jp
-    return (kk % 64) + 128 * (kk // 64) + 64 * (nn % 2) + 2 * k * (nn // 2)
+    return (kk % 64) + 128 * (kk // 64) + 64 * np.arange(2)[None, :]
 
 
 @functools.lru_cache(maxsize=64)
-def int4_positions(k: int, n: int) -> np.ndarray:
-    """Flat *nibble* index ``[K, N]`` (``2 * byte + is_high``) in Paddle's int4 ``[N/2, K]``."""
-    if k % 64 or n % 4:
-        raise ValueError(f"int4 weight_quantize layout needs K % 64 == 0 and N % 4 == 0, got {k=} {n=}")
+def _int4_table(k: int) -> np.ndarray:
+    """Nibble offset ``[K, 4]`` (``2 * byte + is_high``) inside the 2K-byte run of 4 columns."""
     kk = np.arange(k)[:, None]
-    nn = np.arange(n)[None, :]
     k2, half = kk // 2, kk % 2  # step 1: row pairs share a byte, odd row in the high nibble
     j = k2 % 16  # step 2: bytes move
     m = j % 8
     base = np.where(m < 4, 2 * m, 2 * (m - 4) + 1)
     kk2 = 16 * (k2 // 16) + 2 * base + (j // 8)
-    dest = (kk2 % 32) + 128 * (kk2 // 32) + 32 * (nn % 4) + 2 * k * (nn // 4)
+    dest = (kk2 % 32) + 128 * (kk2 // 32) + 32 * np.arange(4)[None, :]
     b = dest % 4  # step 3: nibbles trade places inside each 4-byte word
     new_byte = (dest - b) + (b & 1) + 2 * half
-    new_half = b >> 1
-    return 2 * new_byte + new_half
+    return 2 * new_byte + (b >> 1)
+
+
+def _check(k: int, n: int, group: int, bits: int) -> None:
+    if k % 64 or n % group:
+        raise ValueError(f"int{bits} weight_quantize layout needs K % 64 == 0 and "
+                         f"N % {group} == 0, got {k=} {n=}")
+
+
+def int8_positions(k: int, n: int) -> np.ndarray:
+    """Flat byte index ``[K, N]`` of element (k, n) in Paddle's int8 ``quant_weight [N, K]``."""
+    _check(k, n, 2, 8)
+    nn = np.arange(n)
+    return _int8_table(k)[:, nn % 2] + 2 * k * (nn // 2)[None, :]
+
+
+def int4_positions(k: int, n: int) -> np.ndarray:
+    """Flat *nibble* index ``[K, N]`` (``2 * byte + is_high``) in Paddle's int4 ``[N/2, K]``."""
+    _check(k, n, 4, 4)
+    nn = np.arange(n)
+    return _int4_table(k)[:, nn % 4] + 4 * k * (nn // 4)[None, :]
 
 
 def _bf16(x) -> np.ndarray:
@@ -60,16 +79,20 @@ def unpack_weight_only(quant_weight, *, bits: int) -> np.ndarray:
     qw = np.asarray(quant_weight)
     if qw.dtype not in (np.int8, np.uint8):
         raise TypeError(f"quant_weight must be int8 (or uint8), got {qw.dtype}")
-    flat = qw.view(np.uint8).reshape(-1)
     if bits == 8:
         n, k = qw.shape
-        return (flat[int8_positions(k, n)].astype(np.int16) - 128).astype(np.int8)
+        _check(k, n, 2, 8)
+        runs = qw.view(np.uint8).reshape(n // 2, 2 * k)
+        q = runs[:, _int8_table(k)]  # [N/2, K, 2]
+        return (q.transpose(1, 0, 2).reshape(k, n).astype(np.int16) - 128).astype(np.int8)
     if bits == 4:
         n2, k = qw.shape
-        pos = int4_positions(k, 2 * n2)
-        byte = flat[pos >> 1]
-        nib = np.where(pos & 1, byte >> 4, byte & 0xF)
-        return (nib.astype(np.int8) - 8).astype(np.int8)
+        n = 2 * n2
+        _check(k, n, 4, 4)
+        runs = qw.view(np.uint8).reshape(n // 4, 2 * k)
+        nib = np.stack([runs & 0xF, runs >> 4], axis=-1).reshape(n // 4, 4 * k)
+        q = nib[:, _int4_table(k)]  # [N/4, K, 4]
+        return (q.transpose(1, 0, 2).reshape(k, n).astype(np.int8) - 8).astype(np.int8)
     raise ValueError(f"bits must be 8 or 4, got {bits}")
 
 
@@ -78,14 +101,17 @@ def pack_weight_only(q: np.ndarray, *, bits: int) -> np.ndarray:
     q = np.asarray(q)
     k, n = q.shape
     if bits == 8:
-        out = np.empty(k * n, np.uint8)
-        out[int8_positions(k, n)] = (q.astype(np.int16) + 128).astype(np.uint8)
-        return out.view(np.int8).reshape(n, k)
+        _check(k, n, 2, 8)
+        runs = np.empty((n // 2, 2 * k), np.uint8)
+        runs[:, _int8_table(k)] = (q.astype(np.int16) + 128).astype(np.uint8).reshape(
+            k, n // 2, 2).transpose(1, 0, 2)
+        return runs.view(np.int8).reshape(n, k)
     if bits == 4:
-        nib = np.zeros(k * n, np.uint8)
-        nib[int4_positions(k, n)] = ((q.astype(np.int16) + 8) & 0xF).astype(np.uint8)
-        out = nib[0::2] | (nib[1::2] << 4)
-        return out.view(np.int8).reshape(n // 2, k)
+        _check(k, n, 4, 4)
+        nib = np.zeros((n // 4, 4 * k), np.uint8)
+        nib[:, _int4_table(k)] = ((q.astype(np.int16) + 8) & 0xF).astype(np.uint8).reshape(
+            k, n // 4, 4).transpose(1, 0, 2)
+        return (nib[:, 0::2] | (nib[:, 1::2] << 4)).view(np.int8).reshape(n // 2, k)
     raise ValueError(f"bits must be 8 or 4, got {bits}")
 
 

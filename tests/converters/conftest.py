@@ -8,15 +8,12 @@ import pytest
 
 import converters
 from jaxwint2 import ErnieConfig, QuantConfig
+from conv_sources import tp4_config
+
 from jaxwint2.testing import random_params, write_hf_checkpoint
 
 MTP = {"ernie.mtp_block.0.input_layernorm.weight": np.ones(128, np.float32),
        "mtp_emb_norm.weight": np.ones(128, np.float32)}
-
-
-def tp4_config() -> ErnieConfig:
-    """Tiny, but every K and N slices cleanly over 4 ranks (WINT2 down: one 64-row group each)."""
-    return ErnieConfig.tiny(head_dim=64, moe_intermediate_size=256, intermediate_size=256)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from jaxwint2 import ErnieConfig
+
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype in (torch.bfloat16, torch.uint16):  # U16 headers hold bf16 bit patterns
@@ -42,3 +44,8 @@ PADDLE_LINEARS = {
 
 def f32(x) -> np.ndarray:
     return np.asarray(x).astype(np.float32)
+
+
+def tp4_config() -> ErnieConfig:
+    """Tiny, but every K and N slices cleanly over 4 ranks (WINT2 down: one 64-row group each)."""
+    return ErnieConfig.tiny(head_dim=64, moe_intermediate_size=256, intermediate_size=256)
