@@ -1,9 +1,150 @@
-"""Pallas kernels entry points (filled in by the kernels work; see api.py for the contract)."""
+"""Pallas entry points behind ``api.quant_matmul`` / ``api.quant_grouped_matmul``.
+
+This module owns everything between the public op and the kernel launch: shape and dtype
+validation (anything the kernel cannot run raises ``NotImplementedError`` naming the
+constraint), the one-time column permutation of x (plane order, and the WINT2 ``"shuffled"``
+K order folded into the same gather), the traced tile table of a grouped call, and the choice of
+tuning config. It computes exactly what ``reference.quant_(grouped_)matmul_reference`` computes
+(see ``kernel_triton.py`` for the function and its rounding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import config as config_lib
+from .codecs import CODECS, plane_permutation
+from .kernel_triton import grouped_matmul
+from .wint2 import shuffled_k_index
 
 
-def quant_matmul(x, w, *, interpret, **kw):
-    raise NotImplementedError("Pallas quant_matmul kernel not written yet")
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise NotImplementedError(msg)
 
 
-def quant_grouped_matmul(x, w, group_sizes, *, interpret, **kw):
-    raise NotImplementedError("Pallas quant_grouped_matmul kernel not written yet")
+def _validate(x, w, fmt, k_order, activation, row_scale, cfg) -> tuple[int, int, int]:
+    _check(fmt in CODECS, f"{fmt=} is not one of {sorted(CODECS)}")
+    codec = CODECS[fmt]
+    missing = [leaf for leaf in codec.leaves if leaf not in w]
+    _check(not missing, f"{fmt=} weights lack leaves {missing}")
+    _check(x.ndim == 2, f"x must be [M, K], got shape {x.shape}")
+    _check(x.dtype in (jnp.bfloat16, jnp.float32), f"x.dtype={x.dtype} must be bf16 or f32")
+    _check(k_order == "natural" or fmt == "wint2",
+           f"{k_order=} only applies to wint2 weights, not {fmt=}")
+    _check(k_order in ("natural", "shuffled"), f"{k_order=} must be 'natural' or 'shuffled'")
+    _check(activation in (None, "swiglu"), f"{activation=} must be None or 'swiglu'")
+    m, k = x.shape
+    packed = w[codec.leaves[0]]
+    n = packed.shape[-1]
+    _check(packed.shape[-2] * codec.planes == k,
+           f"x has K={k} but the {fmt} weight {codec.leaves[0]} {packed.shape} implies "
+           f"K={packed.shape[-2] * codec.planes}")
+    n_out = n // 2 if activation == "swiglu" else n
+    _check(activation != "swiglu" or n % 2 == 0, f"swiglu needs an even N, got {n=}")
+    bk, bn = cfg.block_k, cfg.block_n
+    _check(bk >= codec.min_block_k, f"{fmt} needs block_k >= {codec.min_block_k}, got {bk=}")
+    _check(bk // codec.planes >= 16, f"block_k/planes must be >= 16 (MMA depth), got {bk=}")
+    _check(k % bk == 0, f"K={k} must be divisible by block_k={bk}")
+    _check(n_out % bn == 0, f"N_out={n_out} must be divisible by block_n={bn}")
+    _check(row_scale is None or row_scale.shape == (m,),
+           f"row_scale must be [M]=({m},), got {None if row_scale is None else row_scale.shape}")
+    return m, k, n_out
+
+
+def _column_order(k: int, bk: int, fmt: str, k_order: str) -> np.ndarray:
+    perm = plane_permutation(k, bk, CODECS[fmt].planes)
+    if k_order == "shuffled":
+        # W_shuffled = W_natural[idx] along K, so x @ W_shuffled == x[:, argsort(idx)] @ W_natural.
+        perm = np.argsort(shuffled_k_index(k)).astype(np.int32)[perm]
+    return perm
+
+
+def _permute_columns(x: jax.Array, k: int, bk: int, fmt: str, k_order: str) -> jax.Array:
+    planes = CODECS[fmt].planes
+    if planes == 1 and k_order == "natural":
+        return x
+    if k_order == "natural":  # a transpose, cheaper than a gather
+        m = x.shape[0]
+        return x.reshape(m, k // bk, bk // planes, planes).swapaxes(-1, -2).reshape(m, k)
+    return jnp.take(x, jnp.asarray(_column_order(k, bk, fmt, k_order)), axis=1)
+
+
+def tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]:
+    """Traced ``(group, block, lo, hi)`` int32 ``[ceil(M/bm) + E]`` for rows sorted by group.
+
+    Tile t covers rows ``[lo, hi)`` of group ``group`` inside the aligned row block ``block``
+    (rows ``block*bm .. block*bm + bm``). Rows past ``sum(group_sizes)`` form group ``E``
+    (written as zeros). Unused trailing tiles have ``lo == hi == 0``.
+    """
+    e = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    sizes = jnp.concatenate([sizes, jnp.maximum(m - sizes.sum(), 0)[None]])  # [E+1]
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    sizes = ends - starts
+    first, last = starts // bm, (ends - 1) // bm
+    ntiles = jnp.where(sizes > 0, last - first + 1, 0)
+    tile_end = jnp.cumsum(ntiles)
+    tile_begin = tile_end - ntiles
+    t = jnp.arange(pl_cdiv(m, bm) + e, dtype=jnp.int32)
+    grp = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), e).astype(jnp.int32)
+    valid = t < tile_end[-1]
+    blk = first[grp] + t - tile_begin[grp]
+    lo = jnp.maximum(starts[grp], blk * bm)
+    hi = jnp.minimum(ends[grp], blk * bm + bm)
+    zero = jnp.zeros_like(t)
+    return (jnp.where(valid, grp, zero), jnp.where(valid, blk, zero), jnp.where(valid, lo, zero),
+            jnp.where(valid, hi, zero))
+
+
+def pl_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _weights(w: dict, fmt: str, grouped: bool) -> tuple[jax.Array, ...]:
+    leaves = tuple(w[leaf] for leaf in CODECS[fmt].leaves)
+    return leaves if grouped else tuple(a[None] for a in leaves)
+
+
+def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=None,
+         row_scale=None, out_dtype=None, config=None):
+    grouped = group_sizes is not None
+    codec = CODECS.get(fmt)
+    _check(codec is not None, f"{fmt=} is not one of {sorted(CODECS)}")
+    packed = w.get(codec.leaves[0])
+    _check(packed is not None and packed.ndim == (3 if grouped else 2),
+           f"{'grouped' if grouped else 'dense'} {fmt} weights must be "
+           f"{'[E, K, N]' if grouped else '[K, N]'}-shaped")
+    e = packed.shape[0] if grouped else 1
+    m = x.shape[0]
+    n = packed.shape[-1]
+    n_out = n // 2 if activation == "swiglu" else n
+    cfg = config or config_lib.get_config(fmt, m, x.shape[-1], n_out, activation=activation,
+                                          num_groups=e)
+    m, k, n_out = _validate(x, w, fmt, k_order, activation, row_scale, cfg)
+    if grouped:
+        _check(group_sizes.shape == (e,), f"group_sizes must be [E]=({e},), got "
+               f"{group_sizes.shape}")
+    else:
+        group_sizes = jnp.full((1,), m, jnp.int32)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    xp = _permute_columns(x, k, cfg.block_k, fmt, k_order)
+    tiles = tile_table(group_sizes, m, cfg.block_m)
+    rs = None if row_scale is None else row_scale.astype(jnp.float32)
+    return grouped_matmul(xp, _weights(w, fmt, grouped), tiles, rs, fmt=fmt,
+                          activation=activation, out_dtype=out_dtype, cfg=cfg,
+                          interpret=interpret)
+
+
+def quant_matmul(x, w, *, interpret: bool, config: config_lib.TuningConfig | None = None, **kw):
+    """Dense ``epilogue(x @ W)``; see ``api.quant_matmul`` for the arguments."""
+    return _run(x, w, None, interpret=interpret, config=config, **kw)
+
+
+def quant_grouped_matmul(x, w, group_sizes, *, interpret: bool,
+                         config: config_lib.TuningConfig | None = None, **kw):
+    """Grouped ``epilogue(x[rows of e] @ W[e])``; see ``api.quant_grouped_matmul``."""
+    return _run(x, w, group_sizes, interpret=interpret, config=config, **kw)

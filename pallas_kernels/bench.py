@@ -1,0 +1,307 @@
+"""``python -m pallas_kernels.bench``: check, then time, the MoE expert FFN on ERNIE-4.5 shapes.
+
+Owns the measurement protocol (not the kernels). One run:
+
+1. measures the device's ceilings (device copy, read + write counted; a bf16 8192^3 matmul);
+2. checks every Pallas kernel against the jnp reference on fresh random data (all formats,
+   dense + grouped with empty experts and padding rows, swiglu + row_scale, shuffled K order,
+   f32 x), with outputs landing in memory pre-filled with NaN, and the in-kernel WINT2 decode
+   bit-exact against ``dequantize_wint2`` through a one-hot x (FastDeploy golden tensors);
+3. times the whole expert FFN of one layer (up_gate + SwiGLU + down, routing weight folded into
+   down's epilogue) for tokens in ``shapes.TOKENS``, uniform and skewed routing, against
+   baselines timed in the same run: bf16 weights through XLA per-expert matmuls (active experts,
+   routing known to the compiler), the naive path (jnp decode of the active experts' WINT2
+   weights + XLA per-expert matmuls), and the WINT4 Pallas kernel.
+
+Timing: each timed call runs ``R`` independent instances (fresh x; expert labels rotated so that
+the instances touch different weights while their total exceeds ~3x the L2) inside one jit;
+median over repetitions of wall time / R after a warm-up, with a device sync around each.
+Output: JSON lines (``--out``) and a table printed last. ``--tune`` sweeps kernel configs on the
+two grouped projections and writes ``tuned/<device>.json`` (the only writer of those files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import checks, reference, shapes
+from . import config as config_lib
+from .numerics import assert_close
+from .api import quant_grouped_matmul
+
+L2_BYTES = 50 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+
+def time_instances(fn, instances, *, reps: int = 7) -> float:
+    """Median seconds per call of ``fn(*inst)``, running all ``instances`` in one jitted program."""
+    run = jax.jit(lambda insts: [fn(*a) for a in insts])
+    jax.block_until_ready(run(instances))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(instances))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / len(instances)
+
+
+def ceilings() -> dict[str, float]:
+    a = jnp.ones((2**29,), jnp.float32)  # 2 GiB
+    copy = time_instances(lambda v: v * 2.0, [(a,)], reps=10)
+    n = 8192
+    x = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    y = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = time_instances(lambda p, q: p @ q, [(x, y)], reps=10)
+    return {"copy_GBps": 2 * a.nbytes / copy / 1e9, "bf16_matmul_TFLOPs": 2 * n**3 / mm / 1e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# the expert FFN: Pallas ops and the XLA baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def ffn_pallas(x, w_up, w_down, gs, rw, *, fmt, impl="pallas"):
+    h = quant_grouped_matmul(x, w_up, gs, fmt=fmt, activation="swiglu", implementation=impl)
+    return quant_grouped_matmul(h, w_down, gs, fmt=fmt, row_scale=rw, implementation=impl)
+
+
+def ffn_static(x, w_up, w_down, rw, *, fmt, sizes):
+    """XLA per-expert matmuls over the active experts (``sizes``: rows of each, known statically).
+
+    ``w_*`` hold only the active experts, in order; non-bf16 formats are decoded by the jnp
+    reference first (the naive path).
+    """
+    outs, start = [], 0
+    for i, s in enumerate(sizes):
+        wu = reference.dequantize({k: v[i] for k, v in w_up.items()}, fmt)
+        wd = reference.dequantize({k: v[i] for k, v in w_down.items()}, fmt)
+        hx = jnp.dot(x[start:start + s], wu, preferred_element_type=jnp.float32)
+        h = reference.apply_epilogue(hx, "swiglu", None).astype(x.dtype)
+        y = jnp.dot(h, wd, preferred_element_type=jnp.float32)
+        outs.append(reference.apply_epilogue(y, None, rw[start:start + s]).astype(x.dtype))
+        start += s
+    if start < x.shape[0]:
+        outs.append(jnp.zeros((x.shape[0] - start, wd.shape[-1]), x.dtype))
+    return jnp.concatenate(outs)
+
+
+def ffn_bytes(fmt: str, shape: shapes.MoeShape, active: int, rows: int) -> int:
+    h, i = shape.hidden, shape.inter
+    w = active * (shapes.packed_bytes(fmt, h, 2 * i) + shapes.packed_bytes(fmt, i, h))
+    return w + 2 * rows * (h + 2 * i + h)  # x read, h written + read, y written
+
+
+# ---------------------------------------------------------------------------------------------
+# one benchmark row
+# ---------------------------------------------------------------------------------------------
+
+
+class Case:
+    """Weights of one MoE shape in every timed format, generated on device once."""
+
+    def __init__(self, shape: shapes.MoeShape, formats=("wint2", "wint4", "bf16")):
+        self.shape = shape
+        key = jax.random.key(0)
+        self.w = {}
+        for j, fmt in enumerate(formats):
+            k1, k2 = jax.random.split(jax.random.fold_in(key, j))
+            self.w[fmt] = (shapes.random_linear(k1, fmt, *shape.up_gate, shape.experts),
+                           shapes.random_linear(k2, fmt, *shape.down, shape.experts))
+        jax.block_until_ready(self.w)
+
+
+def _instances_count(active_bytes: int, rows: int, hidden: int) -> int:
+    r = -(-3 * L2_BYTES // max(active_bytes, 1))
+    r = min(max(r, 2), 8)
+    while r > 2 and r * rows * hidden * 2 * 3 > 4 * 2**30:  # keep activations under ~4 GiB
+        r //= 2
+    return r
+
+
+def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: bool) -> list[dict]:
+    s = case.shape
+    ids = shapes.route(tokens, s, routing, seed=tokens)
+    gs = shapes.group_sizes(ids, s.experts)
+    rows, active = tokens * s.top_k, int((gs > 0).sum())
+    act_ids = np.nonzero(gs)[0]
+    sizes = tuple(int(v) for v in gs[act_ids])
+    r = _instances_count(ffn_bytes("wint2", s, active, rows), rows, s.hidden)
+    shifts = [(7 * i) % s.experts for i in range(r)]
+    key = jax.random.key(tokens)
+    xs = [jax.random.normal(jax.random.fold_in(key, i), (rows, s.hidden), jnp.bfloat16)
+          for i in range(r)]
+    rw = jax.random.uniform(jax.random.fold_in(key, 99), (rows,), jnp.float32)
+    flops = 2 * rows * s.weights_per_expert()
+    out = []
+
+    def record(impl, fmt, sec, nbytes):
+        row = dict(shape=s.name, routing=routing, tokens=tokens, rows=rows, active=active,
+                   impl=impl, fmt=fmt, us=sec * 1e6, bytes=nbytes,
+                   GBps=nbytes / sec / 1e9, pct_copy=100 * nbytes / sec / 1e9 / ceil["copy_GBps"],
+                   TFLOPs=flops / sec / 1e12,
+                   pct_mm=100 * flops / sec / 1e12 / ceil["bf16_matmul_TFLOPs"])
+        out.append(row)
+        print(json.dumps(row), flush=True)
+
+    for fmt in ("wint2", "wint4"):
+        w_up, w_down = case.w[fmt]
+        fn = functools.partial(ffn_pallas, fmt=fmt)
+        insts = [(xs[i], w_up, w_down, jnp.asarray(np.roll(gs, shifts[i])), rw) for i in range(r)]
+        y = jax.jit(fn)(*insts[0])
+        ref = jax.jit(functools.partial(ffn_pallas, fmt=fmt, impl="xla"))(*insts[0])
+        assert_close(y, ref, context=f"{s.name} {fmt} ffn tokens={tokens} {routing}")
+        record("pallas", fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
+
+    if baselines:
+        for impl, fmt in (("xla_bf16", "bf16"), ("xla_naive_decode", "wint2")):
+            w_up, w_down = case.w[fmt]
+            fn = functools.partial(ffn_static, fmt=fmt, sizes=sizes)
+            nb = ffn_bytes(fmt, s, active, rows)
+            ri = _instances_count(nb, rows, s.hidden) if active < s.experts else 1
+            insts = []
+            for i in range(max(1, min(ri, r))):
+                sel = (act_ids + shifts[i]) % s.experts
+                take = lambda t: {k: v[sel] for k, v in t.items()}  # noqa: E731
+                insts.append((xs[i], take(w_up), take(w_down), rw))
+            record(impl, fmt, time_instances(fn, insts), nb)
+            del insts
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _candidates(rows: int, swiglu: bool):
+    per = rows  # upper bound on rows of one expert
+    bms = [16] if per <= 16 else [16, 32] if per <= 64 else [32, 64] if per <= 512 else [64, 128]
+    for bm in bms:
+        for bn in ((32, 64, 128) if bm <= 32 else (64, 128)):
+            for bk in ((256, 512) if bm <= 32 else (128, 256)):
+                for nw in ((4,) if bm <= 32 else (4, 8)):
+                    if bm == 128 and bn == 128 and swiglu and nw == 4:
+                        continue
+                    yield config_lib.TuningConfig(block_m=bm, block_n=bn, block_k=bk,
+                                                  num_warps=nw, num_stages=3)
+
+
+def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
+    from . import kernels
+
+    s, table = case.shape, {}
+    for fmt in fmts:
+        for proj, act in (("up_gate", "swiglu"), ("down", None)):
+            w = case.w[fmt][0 if proj == "up_gate" else 1]
+            k, n = s.up_gate if proj == "up_gate" else s.down
+            n_out = n // 2 if act else n
+            for tokens in tokens_list:
+                ids = shapes.route(tokens, s, "uniform", seed=tokens)
+                gs = jnp.asarray(shapes.group_sizes(ids, s.experts))
+                rows = tokens * s.top_k
+                x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
+                results = []
+                for cfg in _candidates(rows, act is not None):
+                    fn = functools.partial(kernels.quant_grouped_matmul, interpret=False,
+                                           fmt=fmt, activation=act, config=cfg)
+                    try:
+                        sec = time_instances(fn, [(x, w, gs)] * 1, reps=5)
+                    except Exception as err:  # noqa: BLE001 - a config that fails to compile
+                        print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
+                        continue
+                    results.append((sec, cfg))
+                results.sort(key=lambda v: v[0])
+                best_sec, best = results[0]
+                key = str(config_lib.TunedKey(fmt, act or "none", s.experts, k, n_out,
+                                              config_lib.rows_bucket(rows)))
+                table[key] = {"config": best.to_dict(), "us": best_sec * 1e6,
+                              "runner_up_us": results[1][0] * 1e6 if len(results) > 1 else None}
+                print(f"tune {fmt} {proj} tokens={tokens}: {best} {best_sec * 1e6:.1f} us "
+                      f"({len(results)} configs)", flush=True)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(rows: list[dict]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["routing"], r["tokens"]), {})[r["impl"] + ":" + r["fmt"]] = r
+    lines = ["| shape | routing | tokens | WINT2 µs | %copy BW | TFLOP/s (%bf16 mm) | "
+             "x vs bf16 XLA | x vs naive | x vs WINT4 |", "|" + "---|" * 9]
+    for (shape, routing, tokens), d in by.items():
+        w2 = d["pallas:wint2"]
+        ratio = lambda k: f"{d[k]['us'] / w2['us']:.2f}" if k in d else "-"  # noqa: E731
+        lines.append(f"| {shape} | {routing} | {tokens} | {w2['us']:.1f} | {w2['pct_copy']:.0f}% | "
+                     f"{w2['TFLOPs']:.1f} ({w2['pct_mm']:.0f}%) | {ratio('xla_bf16:bf16')} | "
+                     f"{ratio('xla_naive_decode:wint2')} | {ratio('pallas:wint4')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="ernie45_300b,ernie45_21b")
+    p.add_argument("--tokens", default=",".join(map(str, shapes.TOKENS)))
+    p.add_argument("--routings", default=",".join(shapes.ROUTINGS))
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
+    p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
+    p.add_argument("--out", default=None, help="JSON lines file")
+    a = p.parse_args(argv)
+    tokens = [int(t) for t in a.tokens.split(",")]
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+                command="python -m pallas_kernels.bench " + " ".join(argv or sys.argv[1:]))
+    ceil = ceilings()
+    meta.update(ceil)
+    print(json.dumps(meta), flush=True)
+    if not a.skip_checks:
+        checks.run_all(interpret=jax.default_backend() != "gpu")
+    results = []
+    for name in a.shapes.split(","):
+        case = Case(shapes.SHAPES[name])
+        if a.tune:
+            table = tune(case, tokens, tuple(a.fmts.split(",")))
+            path = config_lib.TUNED_DIR / f"{config_lib.device_key()}.json"
+            old = json.loads(path.read_text()) if path.exists() else {"configs": {}}
+            old["configs"].update(table)
+            old["meta"] = meta
+            path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+            config_lib._tuned_table.cache_clear()
+            continue
+        for routing in a.routings.split(","):
+            for t in tokens:
+                results += bench_row(case, t, routing, ceil, baselines=not a.no_baselines)
+        del case
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(json.dumps({"meta": meta}) + "\n")
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    if results:
+        print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: copy "
+              f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s")
+        print(_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""In-kernel tile decoders: packed weight bytes -> the bf16 (or f32) operand of one tensor-core dot.
+
+This module owns how each runtime weight format (``jaxwint2/layout.py``) is turned, one
+``[bk, bn]`` K-block of one expert at a time, into MMA operands inside a Pallas kernel. It knows
+nothing about grids, routing or epilogues (``kernel_triton.py``), and its arithmetic is the
+traced twin of the exact decode spec (``wint2.py`` §3.1, ``reference.dequantize``).
+
+**Planes.** A stored row of a packed format holds ``P`` consecutive K rows (``P`` = 4 for WINT2,
+2 for WINT4, 1 otherwise). Rather than interleaving decoded rows back into K order (a register
+shuffle), a codec returns ``P`` *planes* of ``[bk/P, bn]``: plane ``t`` holds K rows
+``k0 + P*p + t``. The caller permutes the activation columns once, outside the kernel, with
+:func:`plane_permutation`, so that plane ``t`` meets a contiguous ``[bm, bk/P]`` slice of x.
+
+**Arithmetic (bit-exact with the reference decode).**
+
+* WINT2: ``u`` (byte, 0..255) -> ``float(u)`` via the magic-number trick
+  ``bitcast(0x4B000000 | u) - 2^23`` (exact, no int->float conversion instruction);
+  ``c = floor(u * cs + zp + 0.5)`` in fp32 (the multiply-add contracts to one FFMA on the GPU);
+  ``c + 2^23`` is exact, so its bits are ``0x4B000000 | code`` and each 6-bit window
+  ``(bits >> s) & 63`` is read off them directly; ``q = bitcast(0x4B000000 | w) - (2^23 + 32)``
+  exactly; ``W = bf16(q * (nib * super_scale))`` — the product is exact in fp32, so the cast is
+  the reference's single rounding. Valid checkpoints have codes in ``[0, 2^23)`` (they are
+  15-bit); negative codes are outside the format.
+* WINT4 / WINT8: the integer ``q`` is exact in bf16, so the codec returns ``q`` and the kernel
+  applies the per-column ``weight_scale`` to the fp32 accumulator (one multiply per output
+  instead of one per weight). This equals the reference's ``bf16(q * s)`` per weight up to that
+  rounding of the reference itself, and exactly for a one-hot row of x.
+* bf16: the weight as stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from .wint2 import GROUP_SIZE
+
+_MAGIC_I = 0x4B000000  # bits of 2^23 as fp32: 2^23 + i for 0 <= i < 2^23 has these high bits
+_MAGIC_F = 8388608.0  # 2^23
+_WINT2_SHIFTS = (9, 6, 3, 0)
+
+
+def _as_f32(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _as_i32(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """How one weight format is read and decoded inside the kernel.
+
+    Attributes:
+      fmt: the runtime format name.
+      planes: K rows per stored row (``P``).
+      leaves: leaf names of the ``<linear>`` dict, in the order the kernel receives their refs.
+      column_scaled: the kernel multiplies the accumulator by ``leaves[-1][e, n]`` (WINT4/8).
+      min_block_k: the smallest K block the codec can decode (WINT2: two 64-row groups per
+        scale byte).
+    """
+
+    fmt: str
+    planes: int
+    leaves: tuple[str, ...]
+    column_scaled: bool = False
+    min_block_k: int = 16
+
+    # -- per program: per-column constants, loaded once --------------------------------------
+    def columns(self, refs: Sequence[Any], g, n0, bn: int) -> Any:
+        if self.fmt != "wint2":
+            return None
+        _, _, ss_ref, cs_ref, zp_ref = refs
+        cols = pl.ds(n0, bn)
+        load = lambda r: r[g, cols].astype(jnp.float32)[None, :]  # noqa: E731  [1, bn]
+        return load(ss_ref), load(cs_ref), load(zp_ref)
+
+    def column_scale(self, refs: Sequence[Any], g, n0, bn: int) -> jax.Array:
+        return refs[-1][g, pl.ds(n0, bn)].astype(jnp.float32)[None, :]  # [1, bn]
+
+    # -- per K block: decode into P planes of [bk/P, bn] ---------------------------------------
+    def planes_of(self, refs: Sequence[Any], consts: Any, g, kb, bk: int, n0, bn: int,
+                  dtype) -> list[jax.Array]:
+        rows = bk // self.planes
+        cols = pl.ds(n0, bn)
+        if self.fmt == "bf16":
+            return [refs[0][g, pl.ds(kb * rows, rows), cols].astype(dtype)]
+        if self.fmt == "wint8":
+            q = refs[0][g, pl.ds(kb * rows, rows), cols]  # [bk, bn] int8
+            return [q.astype(jnp.float32).astype(dtype)]
+        if self.fmt == "wint4":
+            b = refs[0][g, pl.ds(kb * rows, rows), cols].astype(jnp.int32)  # [bk/2, bn]
+            return [_nibble_to_float(b, 4 * t).astype(dtype) for t in range(2)]
+        return _wint2_planes(refs, consts, g, kb, bk, cols, bn, dtype)
+
+
+def _nibble_to_float(b: jax.Array, shift: int) -> jax.Array:
+    """``((b >> shift) & 15) - 8`` as fp32, via the magic-number trick (exact)."""
+    return _as_f32(((b >> shift) & 0xF) | _MAGIC_I) - (_MAGIC_F + 8.0)
+
+
+def _wint2_planes(refs, consts, g, kb, bk: int, cols, bn: int, dtype) -> list[jax.Array]:
+    qw_ref, ws_ref, *_ = refs
+    ss, cs, zp = consts  # [1, bn] f32 each
+    rows = bk // 4
+    u = qw_ref[g, pl.ds(kb * rows, rows), cols].astype(jnp.int32)  # [bk/4, bn] bytes
+    uf = _as_f32(u | _MAGIC_I) - _MAGIC_F  # float(u), exact
+    code = jnp.floor(uf * cs + zp + 0.5)  # fused multiply-add on the GPU
+    bits = _as_i32(code + _MAGIC_F)  # 0x4B000000 | code
+
+    # Group scales: plane row p of this block is K row k0 + 4p + t, in group (k0 + 4p) // 64,
+    # i.e. local group p // 16, stored in scale byte p // 32 (high nibble for even groups).
+    n_bytes = bk // (2 * GROUP_SIZE)
+    sb = ws_ref[g, pl.ds(kb * n_bytes, n_bytes), cols].astype(jnp.int32)  # [bk/128, bn]
+    per = GROUP_SIZE // 4  # plane rows per group (16)
+    hi = jnp.broadcast_to(((sb >> 4) & 0xF)[:, None, :], (n_bytes, 2 * per, bn))
+    lo = jnp.broadcast_to((sb & 0xF)[:, None, :], (n_bytes, 2 * per, bn))
+    hi, lo = hi.reshape(rows, bn), lo.reshape(rows, bn)
+    even = (jax.lax.broadcasted_iota(jnp.int32, (rows, bn), 0) // per) % 2 == 0
+    scale = jnp.where(even, hi, lo).astype(jnp.float32) * ss  # [bk/4, bn] nib * ss, exact
+
+    out = []
+    for s in _WINT2_SHIFTS:
+        q = _as_f32(((bits >> s) & 0x3F) | _MAGIC_I) - (_MAGIC_F + 32.0)  # exact, -32..31
+        out.append((q * scale).astype(jnp.bfloat16).astype(dtype))  # single rounding to bf16
+    return out
+
+
+CODECS: dict[str, Codec] = {
+    "bf16": Codec("bf16", 1, ("weight",)),
+    "wint8": Codec("wint8", 1, ("quant_weight", "weight_scale"), column_scaled=True),
+    "wint4": Codec("wint4", 2, ("quant_weight", "weight_scale"), column_scaled=True, min_block_k=32),
+    "wint2": Codec("wint2", 4, ("quant_weight", "weight_scale", "super_scales", "code_scale",
+                               "code_zp"), min_block_k=2 * GROUP_SIZE),
+}
+
+
+def plane_permutation(k: int, bk: int, planes: int) -> np.ndarray:
+    """Column order of x that makes plane ``t`` of every K block a contiguous slice.
+
+    Returns ``perm`` with ``x_planes = x[:, perm]``: inside block ``b`` of ``bk`` columns,
+    position ``t * bk/P + p`` holds K column ``b * bk + P * p + t``.
+    """
+    idx = np.arange(k, dtype=np.int32).reshape(k // bk, bk // planes, planes)
+    return idx.swapaxes(-1, -2).reshape(k)

@@ -1,0 +1,118 @@
+"""Tuning configs of the grouped weight-only matmul kernel: the type, a heuristic, tuned tables.
+
+This module owns the choice of block sizes / warps / pipeline stages for one call. It knows the
+kernel's shape constraints (powers of two, divisibility) but not how the kernel uses the blocks.
+Lookup order: an explicit ``config=``, then the tuned table of the current device
+(``tuned/<device_key>.json``, written only by ``bench.py --tune``), then :func:`heuristic_config`.
+
+A tuned-table key is ``fmt|activation|groups|K|N|rows-bucket``; rows are the activation rows the kernel
+sees (tokens x top-k for a MoE layer) rounded up to a power of two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import NamedTuple
+
+import jax
+
+TUNED_DIR = pathlib.Path(__file__).parent / "tuned"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TuningConfig:
+    """Block sizes of one kernel launch (all powers of two).
+
+    Attributes:
+      block_m: activation rows per tile (>= 16, the MMA's minimum).
+      block_n: output columns per program (per half with swiglu).
+      block_k: K rows per pipelined step (WINT2: a multiple of 128, two scale groups a byte).
+      num_warps: warps per program.
+      num_stages: software-pipelining depth of the K loop.
+    """
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for f in ("block_m", "block_n", "block_k", "num_warps"):
+            v = getattr(self, f)
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"{f}={v} must be a positive power of two")
+        if self.block_m < 16 or self.block_n < 16:
+            raise ValueError(f"block_m={self.block_m} and block_n={self.block_n} must be >= 16")
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class TunedKey(NamedTuple):
+    fmt: str
+    activation: str
+    groups: int
+    k: int
+    n: int
+    rows: int
+
+    def __str__(self) -> str:
+        return "|".join(str(v) for v in self)
+
+
+def rows_bucket(m: int) -> int:
+    return max(1, 1 << (max(m, 1) - 1).bit_length())
+
+
+def device_key() -> str:
+    """``nvidia_h100_80gb_hbm3``-style name of the default device (``cpu`` without a GPU)."""
+    d = jax.devices()[0]
+    if d.platform != "gpu":
+        return d.platform
+    return "".join(c if c.isalnum() else "_" for c in d.device_kind.lower()).strip("_")
+
+
+@functools.cache
+def _tuned_table(device: str) -> dict[str, TuningConfig]:
+    path = TUNED_DIR / f"{device}.json"
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {key: TuningConfig(**entry["config"]) for key, entry in raw.get("configs", {}).items()}
+
+
+def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
+                     num_groups: int = 1) -> TuningConfig:
+    """A reasonable config when no tuned entry exists.
+
+    Small row counts are memory-bound: one 16-row tile per active expert and narrow column
+    blocks so that enough programs stream weights in parallel. Larger per-expert row counts use
+    larger tiles to raise the MMA's arithmetic intensity.
+    """
+    per_group = max(1, m // max(1, min(num_groups, m)))
+    bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group <= 128 else 128
+    bn = 64 if bm <= 32 else 128
+    if activation == "swiglu" and bm >= 64:
+        bn = 64
+    bk = 256 if fmt in ("wint2", "wint4") else 128
+    bk = min(bk, _largest_pow2_divisor(k))
+    bn = min(bn, _largest_pow2_divisor(n_out))
+    return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm <= 64 else 8,
+                        num_stages=3)
+
+
+def _largest_pow2_divisor(v: int) -> int:
+    return v & -v if v > 0 else 1
+
+
+def get_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
+               num_groups: int = 1) -> TuningConfig:
+    key = str(TunedKey(fmt, activation or "none", num_groups, k, n_out, rows_bucket(m)))
+    tuned = _tuned_table(device_key()).get(key)
+    if tuned is not None:
+        return tuned
+    return heuristic_config(fmt, m, k, n_out, activation=activation, num_groups=num_groups)

@@ -1,0 +1,137 @@
+"""The Pallas (Triton-lowered) grouped weight-only matmul: packed weights decoded in registers.
+
+One kernel serves every format (``codecs.py``) and both ops: a dense matmul is the grouped one
+with a single group. It computes, for each row r of group e (rows sorted by group)::
+
+    y[r, :] = epilogue( sum_k x[r, k] * W_e[k, :] )        fp32 accumulation on the tensor cores
+    W_e     = the codec's decode of expert e's packed tile (bit-exact with reference.dequantize)
+    epilogue: * weight_scale[e, :] (WINT4/8) ; swiglu: silu(y_gate) * y_up ; * row_scale[r]
+    rows past sum(group_sizes) are written as zeros; the result is cast to out_dtype once.
+
+Grid and tiles::
+
+    grid = (N_out / bn, T)          axis 0 (n tiles) varies fastest: consecutive programs share
+                                    one x tile (kept in L2) and sweep one expert's columns
+    T    = ceil(M / bm) + E         static bound on (group, aligned bm-row block) pairs
+    tile t -> (group g, block b, rows [lo, hi))   a table built in jnp (no host sync);
+             g == E marks the padding rows (zeros), lo == hi an unused tile (early exit)
+
+    program (j, t):                                     per K block kb (software pipelined):
+      ┌──────────────────────────────────────────┐        bytes  [bk/P, bn]  ─ codec ─┐
+      │ acc[bm, bn] f32 (x2 with swiglu)         │  <──  P planes [bk/P, bn] bf16 ─────┤ P dots
+      │ for kb in range(K / bk): acc += planes   │        x slices [bm, bk/P] (plane-  ┘
+      │ epilogue, masked store of rows [lo, hi)  │        permuted columns, contiguous)
+      └──────────────────────────────────────────┘
+
+At small M every active expert has exactly one tile per n tile, so its packed weights are read
+from HBM exactly once; the decode runs in registers and only bf16 planes meet the MMA.
+
+Backend: Pallas's Triton lowering. It runs under ``interpret=True`` on a CPU (CI) and on jax
+0.10 and 0.11 alike, and on the H100 it streams packed bytes at a large fraction of HBM
+bandwidth for the memory-bound decode regime (see ``bench.py`` results). Mosaic GPU (wgmma +
+TMA, warp specialisation) is the route to Hopper's MMA peak at large M; it was not written in
+this iteration (its CPU interpreter is not usable on jax 0.10), and the op API is
+backend-neutral so that a Mosaic kernel can slot in behind the same ``implementation="pallas"``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .codecs import CODECS
+from .config import TuningConfig
+
+
+def _silu(v: jax.Array) -> jax.Array:
+    return v / (1.0 + jnp.exp(-v))
+
+
+def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups: int, k: int,
+            n_half: int | None, has_row_scale: bool, cfg: TuningConfig, compute_dtype):
+    codec = CODECS[fmt]
+    nw = len(codec.leaves)
+    w_refs = refs[:nw]
+    rs_ref = refs[nw] if has_row_scale else None
+    o_ref = refs[-1]
+    bm, bn, bk, P = cfg.block_m, cfg.block_n, cfg.block_k, codec.planes
+    m = x_ref.shape[0]
+
+    j, t = pl.program_id(0), pl.program_id(1)
+    g, lo, hi = grp_ref[t], lo_ref[t], hi_ref[t]
+    row0 = blk_ref[t] * bm
+    rows = row0 + jnp.arange(bm, dtype=jnp.int32)  # [bm]
+    n0 = j * bn
+    col_offsets = (n0,) if n_half is None else (n0, n0 + n_half)
+    store_mask = ((rows >= lo) & (rows < hi))[:, None]
+    out_at = o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]
+
+    @pl.when((hi > lo) & (g < num_groups))
+    def _compute():
+        consts = [codec.columns(w_refs, g, c, bn) for c in col_offsets]
+        row_ok = (rows < m)[:, None]
+
+        def body(kb, accs):
+            new = []
+            for c, cst, acc in zip(col_offsets, consts, accs, strict=True):
+                planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, compute_dtype)
+                for p, w in enumerate(planes):
+                    xs = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(kb * bk + p * (bk // P),
+                                                                  bk // P)],
+                                    mask=row_ok, other=0.0).astype(compute_dtype)
+                    acc = acc + jnp.dot(xs, w, preferred_element_type=jnp.float32,
+                                        precision=_precision(compute_dtype))
+                new.append(acc)
+            return tuple(new)
+
+        zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in col_offsets)
+        accs = jax.lax.fori_loop(0, k // bk, body, zeros)
+        if codec.column_scaled:
+            accs = tuple(a * codec.column_scale(w_refs, g, c, bn)
+                         for a, c in zip(accs, col_offsets, strict=True))
+        y = _silu(accs[0]) * accs[1] if n_half is not None else accs[0]
+        if rs_ref is not None:
+            rs = plgpu.load(rs_ref.at[pl.ds(row0, bm)], mask=rows < m, other=0.0)
+            y = y * rs.astype(jnp.float32)[:, None]
+        plgpu.store(out_at, y.astype(o_ref.dtype), mask=store_mask)
+
+    @pl.when((hi > lo) & (g >= num_groups))
+    def _padding():
+        plgpu.store(out_at, jnp.zeros((bm, bn), o_ref.dtype), mask=store_mask)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "activation", "out_dtype", "cfg",
+                                             "interpret"))
+def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...], tiles: tuple[jax.Array, ...],
+                   row_scale: jax.Array | None, *, fmt: str, activation: str | None, out_dtype,
+                   cfg: TuningConfig, interpret: bool) -> jax.Array:
+    """Run the kernel on plane-permuted ``x [M, K]`` and stacked ``weights`` (codec leaf order).
+
+    ``tiles`` is ``(group, block, lo, hi)`` int32 ``[T]`` (see ``kernels.tile_table``). Shape
+    constraints are checked by the caller (``kernels.py``), which raises NotImplementedError.
+    """
+    m, k = x_planes.shape
+    e, n = weights[0].shape[0], weights[0].shape[-1]
+    n_out = n // 2 if activation == "swiglu" else n
+    compute_dtype = jnp.float32 if x_planes.dtype == jnp.float32 else jnp.bfloat16
+    kernel = functools.partial(
+        _kernel, fmt=fmt, num_groups=e, k=k, n_half=n_out if activation == "swiglu" else None,
+        has_row_scale=row_scale is not None, cfg=cfg, compute_dtype=compute_dtype)
+    args = (*tiles, x_planes, *weights, *(() if row_scale is None else (row_scale,)))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n_out), out_dtype),
+        grid=(n_out // cfg.block_n, tiles[0].shape[0]),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"{fmt}_grouped_matmul",
+    )(*args)
