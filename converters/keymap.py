@@ -14,7 +14,6 @@ checkpoint it builds every rank's slice against that rank's expected shapes
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 from jaxwint2.checkpoint import check_part, layer_index, part_shapes
@@ -137,9 +136,9 @@ def _apply(rule: Rule, fetch: hooks.Fetch, cfg: ErnieConfig, layout: str, prefix
     return getattr(hooks, rule.hook)(fetch, names[0], shape)  # norm, embedding, correction_bias
 
 
-@functools.lru_cache(maxsize=8)
 def _origin(layout: str, quantized: bool) -> str:
-    return f"config.json ({'quantization_config' if quantized else 'unquantized'}, {layout})"
+    """Where the expected format comes from, for error messages."""
+    return f"{layout} config.json {'quantization_config' if quantized else '(unquantized)'}"
 
 
 def build_rank_part(ckpt: SourceCheckpoint, part: str, rank: int,
@@ -157,7 +156,7 @@ def build_rank_part(ckpt: SourceCheckpoint, part: str, rank: int,
         prefix = PREFIX[ckpt.layout] if prefixed else ""
         out["weight"] = _apply(rule, fetch, cfg, ckpt.layout, prefix, shapes["weight"])
         return out, fetch
-    fetch.origin = f"{_origin(ckpt.layout, quantized)} for layer {i}"
+    fetch.origin = f"{_origin(ckpt.layout, quantized)}, layer {i}"
     prefix = f"{PREFIX[ckpt.layout]}layers.{i}."
     for rule in PADDLE_LAYER if ckpt.layout == "paddle" else HF_LAYER:
         if _applies(rule, cfg, i):

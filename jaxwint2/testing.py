@@ -44,15 +44,18 @@ def random_linear(rng: np.random.Generator, fmt: str, k: int, n: int,
                   experts: int | None = None, std: float = 0.02) -> dict[str, np.ndarray]:
     """One runtime ``<linear>`` of format ``fmt`` (``[E, ...]`` leaves when ``experts``)."""
     e = () if experts is None else (experts,)
+    if fmt in ("bf16", "wint8", "wint4") and experts is not None:  # one expert at a time:
+        parts = [random_linear(rng, fmt, k, n, None, std) for _ in range(experts)]  # bounded
+        return {key: np.stack([p[key] for p in parts]) for key in parts[0]}  # f32 temporaries
     if fmt == "bf16":
-        return {"weight": (rng.standard_normal((*e, k, n), np.float32) * std).astype(BF16)}
+        return {"weight": (rng.standard_normal((k, n), np.float32) * std).astype(BF16)}
     if fmt in ("wint8", "wint4"):
-        w = rng.standard_normal((*e, k, n), np.float32) * std
+        w = rng.standard_normal((k, n), np.float32) * std
         q, scale = _quantize(w, 127 if fmt == "wint8" else 7)
         if fmt == "wint8":
             return {"quant_weight": q, "weight_scale": scale}
         u = (q.astype(np.int16) + 8).astype(np.uint8)
-        return {"quant_weight": u[..., 0::2, :] | (u[..., 1::2, :] << 4), "weight_scale": scale}
+        return {"quant_weight": u[0::2, :] | (u[1::2, :] << 4), "weight_scale": scale}
     if fmt == "wint2":
         # code = floor(u * cs + zp + 0.5) must stay in 15 bits: cs in [32, 128] (multiples of
         # 1/64), zp >= 0 with 255 * cs + zp < 32768. Decoded q ~ U(-32, 31), nib ~ U(1, 15):
