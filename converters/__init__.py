@@ -1,26 +1,28 @@
 """Checkpoint readers and converters: FastDeploy/Paddle and HF ERNIE-4.5 checkpoints -> jaxwint2."""
 
-# ---- Paddle weight_quantize layouts (WINT8 / WINT4) ----
-from .weight_only import dequantize_weight_only as dequantize_weight_only
-from .weight_only import pack_weight_only as pack_weight_only
-from .weight_only import quantize_weight_only as quantize_weight_only
-from .weight_only import unpack_weight_only as unpack_weight_only
-
-# ---- reading source checkpoints ----
-from .errors import CheckpointError as CheckpointError
-from .reader import SourceCheckpoint as SourceCheckpoint
-from .reader import open_checkpoint as open_checkpoint
-
 # ---- conversion and loading (runtime layout: jaxwint2/layout.py) ----
 from .convert import Summary as Summary
 from .convert import convert_checkpoint as convert_checkpoint
 from .convert import iter_checkpoint as iter_checkpoint
 from .convert import load_checkpoint as load_checkpoint
 
+# ---- errors: bad input, with a one-line reason naming file and tensor ----
+from .errors import CheckpointError as CheckpointError
+
+# ---- writing Paddle-layout checkpoints (fixtures, demo, quantizer) ----
+from .paddle_writer import write_paddle_checkpoint as write_paddle_checkpoint
+
+# ---- reading source checkpoints ----
+from .reader import SourceCheckpoint as SourceCheckpoint
+from .reader import open_checkpoint as open_checkpoint
+
 # ---- tensor parallelism (FastDeploy's split of the runtime tree) ----
 from .tp import merge_tp as merge_tp
 from .tp import rank_shapes as rank_shapes
 from .tp import split_tp as split_tp
 
-# ---- writing Paddle-layout checkpoints (fixtures, demo, quantizer) ----
-from .paddle_writer import write_paddle_checkpoint as write_paddle_checkpoint
+# ---- Paddle weight_quantize layouts (WINT8 / WINT4) ----
+from .weight_only import dequantize_weight_only as dequantize_weight_only
+from .weight_only import pack_weight_only as pack_weight_only
+from .weight_only import quantize_weight_only as quantize_weight_only
+from .weight_only import unpack_weight_only as unpack_weight_only

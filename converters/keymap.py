@@ -183,8 +183,9 @@ def build_part(ckpt: SourceCheckpoint, part: str) -> tuple[Tree, list[hooks.Fetc
 
 def ignored_names(ckpt: SourceCheckpoint) -> set[str]:
     """Names read by no rule on purpose: ``mtp*`` and a tied model's stored ``lm_head.weight``."""
-    names = {n for n in ckpt.keys() if n.split(".", 1)[0].startswith(SKIPPED_PREFIXES)
+    every = set().union(*(r.keys() for r in ckpt.ranks))
+    names = {n for n in every if n.startswith(SKIPPED_PREFIXES)
              or n.removeprefix(PREFIX[ckpt.layout]).startswith(SKIPPED_PREFIXES)}
-    if ckpt.config.tie_word_embeddings and "lm_head.weight" in ckpt.keys():
+    if ckpt.config.tie_word_embeddings and "lm_head.weight" in every:
         names.add("lm_head.weight")
     return names

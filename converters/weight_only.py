@@ -17,7 +17,6 @@ import functools
 import ml_dtypes
 import numpy as np
 
-
 # Each layout keeps every group of columns in one contiguous run of bytes: columns 2b, 2b+1
 # (int8) or 4b..4b+3 (int4) fill bytes [2K*b, 2K*(b+1)). The placement inside a run depends only
 # on (k, n % group), so one small [K, group] table describes it and a [K, N] index array (8x the

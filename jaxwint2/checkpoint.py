@@ -158,7 +158,7 @@ def save_part(path: str | os.PathLike, part: str, subtree: Tree) -> None:
 
 
 def restore_part(path: str | os.PathLike, part: str, cfg: ErnieConfig | None = None) -> Tree:
-    """Read one part back as host NumPy arrays (checked against the layout when ``cfg`` is given)."""
+    """One part as host NumPy arrays (checked against the layout when ``cfg`` is given)."""
     ocp, ckpt = _checkpointer()
     d = part_dir(path, part)
     if not d.exists():
@@ -175,7 +175,7 @@ def restore_part(path: str | os.PathLike, part: str, cfg: ErnieConfig | None = N
 
 
 def iter_params(path: str | os.PathLike) -> tuple[ErnieConfig, dict, Iterator[tuple[str, Tree]]]:
-    """``(cfg, meta, iterator of (part, subtree))`` of a converted checkpoint, one part at a time."""
+    """``(cfg, meta, iterator of (part, subtree))`` of a converted checkpoint, part by part."""
     meta = read_meta(path)
     cfg = read_config(path)
     return cfg, meta, ((p, restore_part(path, p, cfg)) for p in part_names(cfg))

@@ -33,7 +33,7 @@ def _bf16_exact(x: np.ndarray) -> np.ndarray:
 
 
 def _quantize(w: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-column quantization of ``w [..., K, N]`` -> (int q, bf16 scale ``[..., N]``)."""
+    """Symmetric per-column quantization of ``w [K, N]`` -> (int q, bf16 scale ``[N]``)."""
     scale = (np.abs(w).max(axis=-2) / qmax).astype(BF16)
     s = np.where(scale == 0, 1.0, scale.astype(np.float32))[..., None, :]
     q = np.clip(np.rint(w / s), -qmax - (qmax == 7), qmax).astype(np.int8)

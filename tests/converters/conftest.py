@@ -5,11 +5,10 @@ import pathlib
 
 import numpy as np
 import pytest
+from conv_sources import tp4_config
 
 import converters
 from jaxwint2 import ErnieConfig, QuantConfig
-from conv_sources import tp4_config
-
 from jaxwint2.testing import random_params, write_hf_checkpoint
 
 MTP = {"ernie.mtp_block.0.input_layernorm.weight": np.ones(128, np.float32),

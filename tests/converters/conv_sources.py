@@ -26,7 +26,7 @@ def read_all(path: pathlib.Path) -> dict[str, np.ndarray]:
     out = {}
     for f in files:
         with safe_open(path / f, framework="pt") as st:
-            for k in st.keys():
+            for k in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 out[k] = _to_numpy(st.get_tensor(k))
     return out
 

@@ -104,8 +104,8 @@ def test_config_contradicts_tensors(src, capsys):
     def w4_end_0(c):
         c["quantization_config"]["moe_quant_config"]["moe_w4_quant_config"]["quant_end_layer"] = 0
     _edit_config(src, w4_end_0)
-    _fails(capsys, src, src.parent / "dst", "ernie.layers.1.mlp.experts.0.up_gate_proj.quant_weight",
-           "wint2", "config.json")
+    _fails(capsys, src, src.parent / "dst",
+           "ernie.layers.1.mlp.experts.0.up_gate_proj.quant_weight", "wint2", "config.json")
 
 
 def test_unquantized_config_for_quantized_tensors(src, capsys):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conv_sources import f32
 
 import converters
 from jaxwint2 import checkpoint
@@ -31,7 +32,7 @@ def test_hf_converted_equals_state_dict(case):
     cfg, p, meta = checkpoint.load_params(dst)
     assert meta["source_format"] == "hf-bf16"
     np.testing.assert_array_equal(p["embed"]["weight"], sd["model.embed_tokens.weight"])
-    np.testing.assert_array_equal(p["final_norm"]["weight"], sd["model.norm.weight"].astype(np.float32))
+    np.testing.assert_array_equal(p["final_norm"]["weight"], f32(sd["model.norm.weight"]))
     if cfg.tie_word_embeddings:
         assert "lm_head" not in p
     else:
@@ -40,14 +41,16 @@ def test_hf_converted_equals_state_dict(case):
         pre = f"model.layers.{i}."
         qkv = np.concatenate([sd[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"], axis=0).T
         np.testing.assert_array_equal(layer["attn"]["qkv"]["weight"], qkv)
-        np.testing.assert_array_equal(layer["attn"]["o"]["weight"], sd[pre + "self_attn.o_proj.weight"].T)
+        np.testing.assert_array_equal(layer["attn"]["o"]["weight"],
+                                      sd[pre + "self_attn.o_proj.weight"].T)
         for norm, name in [("input_norm", "input_layernorm"),
                            ("post_attention_norm", "post_attention_layernorm")]:
             np.testing.assert_array_equal(layer[norm]["weight"],
-                                          sd[f"{pre}{name}.weight"].astype(np.float32))
+                                          f32(sd[f"{pre}{name}.weight"]))
         mlp = layer["mlp"]
         if not cfg.is_moe_layer(i):
-            ug = np.concatenate([sd[pre + "mlp.gate_proj.weight"], sd[pre + "mlp.up_proj.weight"]]).T
+            ug = np.concatenate([sd[pre + "mlp.gate_proj.weight"],
+                                 sd[pre + "mlp.up_proj.weight"]]).T
             np.testing.assert_array_equal(mlp["up_gate"]["weight"], ug)
             np.testing.assert_array_equal(mlp["down"]["weight"], sd[pre + "mlp.down_proj.weight"].T)
             continue
@@ -60,7 +63,7 @@ def test_hf_converted_equals_state_dict(case):
         np.testing.assert_array_equal(mlp["router"]["weight"], sd[pre + "mlp.gate.weight"].T)
         bias = sd[pre + "mlp.gate.moe_statics.e_score_correction_bias"].reshape(-1)
         np.testing.assert_array_equal(mlp["router"]["bias"], bias)
-        assert 29.9 < bias.min() and bias.max() < 30.1 and bias.std() > 0.01  # spread survives
+        assert bias.min() > 29.9 and bias.max() < 30.1 and bias.std() > 0.01  # spread survives
         if cfg.moe_num_shared_experts:
             sh = mlp["shared"]
             ug = np.concatenate([sd[pre + "mlp.shared_experts.gate_proj.weight"],

@@ -121,7 +121,8 @@ def test_bf16_and_u16_headers_give_identical_trees(converted):
 def test_load_checkpoint_source_equals_converted(ckpts, converted):
     import jax
     cfg1, src_tree, meta1 = converters.load_checkpoint(ckpts["w4w2_u16"])
-    cfg2, conv_tree, meta2 = converters.load_checkpoint(converted["w4w2_u16"][0], k_order="shuffled")
+    cfg2, conv_tree, meta2 = converters.load_checkpoint(converted["w4w2_u16"][0],
+                                                        k_order="shuffled")
     assert cfg1 == cfg2 and meta1["k_order"] == "natural" and meta2["k_order"] == "shuffled"
     assert meta1["source_format"] == "paddle-quantized"
     same = jax.tree.map(lambda x, y: x.dtype == y.dtype and x.shape == y.shape and np.array_equal(

@@ -74,7 +74,8 @@ def test_wint2_parity_restart_against_exact_decode(cfg4, params4):
     full = np.asarray(pk.dequantize_wint2(down["quant_weight"], down["weight_scale"],
                                           down["super_scales"], down["code_scale"],
                                           down["code_zp"]))
-    sub = converters.split_tp(cfg4, "layers/2", params4["layers"][2], 1, 4)["mlp"]["experts"]["down"]
+    sub = converters.split_tp(cfg4, "layers/2", params4["layers"][2], 1, 4)
+    sub = sub["mlp"]["experts"]["down"]
     # rank 1 holds global group 1 (the low nibble of byte 0) as its group 0 (a high nibble)
     np.testing.assert_array_equal(sub["weight_scale"][:, 0] >> 4, down["weight_scale"][:, 0] & 0xF)
     got = np.asarray(pk.dequantize_wint2(sub["quant_weight"], sub["weight_scale"],
