@@ -233,12 +233,13 @@ class Engine:
         if math.ceil(n / self.config.block_size) >= self.num_blocks:
             raise ValueError(f"the prompt ({n} tokens) does not fit in the KV cache")
 
-    async def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-                     request_id: str) -> AsyncIterator[RequestOutput]:
-        """Generate for one request; yields deltas until one has ``finish_reason``.
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               request_id: str) -> AsyncIterator[RequestOutput]:
+        """Queue one request; returns an async iterator of its deltas (the last one has
+        ``finish_reason``). Call it from the event loop that will consume the outputs.
 
-        Raises ``ValueError`` (bad input), :class:`QueueFullError` or :class:`EngineError` from
-        the first ``__anext__``. Closing or cancelling the iterator aborts the request.
+        Raises ``ValueError`` (bad input), :class:`QueueFullError` or :class:`EngineError` right
+        away, before anything is queued. Closing or cancelling the iterator aborts the request.
         """
         if not self.ready:
             raise EngineError(f"engine is not running: {self._error!r}" if self._error
@@ -252,18 +253,20 @@ class Engine:
         req = Request(request_id, [int(t) for t in prompt_ids], params, seed=seed,
                       stop_ids=(frozenset() if params.ignore_eos else self.eos_ids)
                       | frozenset(params.stop_token_ids))
-        queue: asyncio.Queue = asyncio.Queue()
         skip = self.eos_ids | frozenset(params.stop_token_ids)
         tracked = _Tracked(req, IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
                                                        stop=params.stop, skip_ids=skip),
-                           asyncio.get_running_loop(), queue)
+                           asyncio.get_running_loop(), asyncio.Queue())
         self._tracked[request_id] = tracked
         self._inbox.append(("add", tracked))
         self._wake.set()
+        return self._stream(tracked)
+
+    async def _stream(self, tracked: _Tracked) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
-                item = await queue.get()
+                item = await tracked.queue.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -273,7 +276,7 @@ class Engine:
                     return
         finally:
             if not finished:
-                self.abort(request_id)
+                self.abort(tracked.req.request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request at the next step boundary and free its blocks (idempotent)."""

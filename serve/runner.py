@@ -21,6 +21,7 @@ Knows nothing about requests' lifecycles, queues or text; the scheduler decides 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -92,6 +93,22 @@ def _sample_fallback(logits, keys, temperature, top_p, top_k):
     return jnp.where(temperature > 0, sampled, greedy)
 
 
+@functools.lru_cache(maxsize=8)
+def _sampler(sample: Callable) -> Callable:
+    """``sample`` under jit with per-row keys ``fold_in(fold_in(key(seed_lo), seed_hi), n)``;
+    cached so that every engine in a process shares one compilation per batch size."""
+
+    def sample_rows(logits, seeds, counters, temperature, top_p, top_k):
+        def row_key(seed, counter):
+            key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+            return jax.random.fold_in(key, counter)
+
+        keys = jax.vmap(row_key)(seeds, counters)
+        return sample(logits, keys, temperature, top_p, top_k)
+
+    return jax.jit(sample_rows)
+
+
 @dataclasses.dataclass
 class _Batch:
     """Host arrays of one model call plus the request ids of its real rows."""
@@ -129,17 +146,7 @@ class ModelRunner:
                                                 c.max_prefill_chunk)
         self.block_buckets = pow2_buckets(min(c.min_block_bucket, c.max_blocks_per_seq),
                                           c.max_blocks_per_seq)
-        sample = sample_fn or _resolve_sampler()
-
-        def sample_rows(logits, seeds, counters, temperature, top_p, top_k):
-            def row_key(seed, counter):
-                key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
-                return jax.random.fold_in(key, counter)
-
-            keys = jax.vmap(row_key)(seeds, counters)
-            return sample(logits, keys, temperature, top_p, top_k)
-
-        self._sample = jax.jit(sample_rows)
+        self._sample = _sampler(sample_fn or _resolve_sampler())
         self._shapes: set[tuple] = set()
         self._lock = threading.Lock()
         self.num_compilations = 0

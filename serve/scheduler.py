@@ -56,10 +56,12 @@ class ScheduledChunk:
     req: Request
     start: int
     num_tokens: int
+    sample: bool
 
-    @property
-    def sample(self) -> bool:
-        return self.start + self.num_tokens == len(self.req.token_ids)
+    @classmethod
+    def of(cls, req: Request, num_tokens: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        return cls(req, start, num_tokens, start + num_tokens == len(req.token_ids))
 
 
 @dataclasses.dataclass
@@ -162,7 +164,7 @@ class Scheduler:
                 continue
             if not self._fit(req, n, preempted):
                 continue
-            chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            chunks.append(ScheduledChunk.of(req, n))
             budget -= n
             num_prefill_rows += is_prefill
         # 2. admit waiting requests while there is budget, room and no memory pressure.
@@ -181,7 +183,7 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+            chunks.append(ScheduledChunk.of(req, n))
             budget -= n
             num_prefill_rows += n > 1
         # A victim may have been scheduled before it was preempted: drop its stale chunk.

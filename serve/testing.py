@@ -14,6 +14,7 @@ Knows nothing about the engine; it only imitates the model and tokenizer contrac
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -126,38 +127,86 @@ class MockModel:
         self._allowed = jnp.zeros((vocab_size,), bool).at[allowed].set(True)
         self.eos_id = eos_id
         self.eos_at = eos_at
-        self.num_calls = 0
-        self.step_jit = jax.jit(self._step, donate_argnums=(3,))
 
     def init_cache(self, num_blocks: int, block_size: int) -> MockCache:
         shape = (1, num_blocks, block_size, 1, 1)
         return MockCache(jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.int32))
 
-    def _step(self, tokens, positions, block_tables, cache: MockCache, logits_at=None):
-        _, nb, bs, _, _ = cache.k.shape
-        b, t = tokens.shape
-        p = block_tables.shape[1]
+    def step_jit(self, tokens, positions, block_tables, cache: MockCache, *, logits_at=None):
         if logits_at is None:
-            logits_at = jnp.full((b,), t - 1, jnp.int32)
-        # write: one value per (token, position) into its slot; padding (-1) goes nowhere
-        valid = positions >= 0
-        safe = jnp.where(valid, positions, 0)
-        block = jnp.take_along_axis(block_tables, jnp.minimum(safe // bs, p - 1), axis=1)
-        slots = jnp.where(valid, block * bs + safe % bs, nb * bs)             # [B, T]
-        values = _mix(tokens * 7919 + positions * 104729 + 1)                  # [B, T]
-        k = cache.k.reshape(nb * bs).at[slots.reshape(-1)].set(values.reshape(-1), mode="drop")
-        # read: every cached value at positions <= the queried token's position
-        q_pos = jnp.take_along_axis(positions, logits_at[:, None], axis=1)     # [B, 1]
-        key_pos = jnp.arange(p * bs)[None, :]                                  # [1, P*bs]
-        key_slots = (block_tables[:, :, None] * bs + jnp.arange(bs)).reshape(b, p * bs)
-        seen = jnp.where(key_pos <= q_pos, _mix(k[key_slots] + key_pos), 0)
-        h = _mix(jnp.sum(seen, axis=1))                                        # [B]
-        scores = _mix(h[:, None] + jnp.arange(self.cfg.vocab_size)[None, :] * 31)
-        logits = (scores & 0xFFFF).astype(jnp.float32) / 4096.0                # [B, V]
-        logits = jnp.where(self._allowed[None, :], logits, -1e9)
-        if self.eos_at is not None:
-            at_end = (q_pos[:, 0] >= self.eos_at - 1)[:, None]
-            logits = jnp.where(at_end & (jnp.arange(self.cfg.vocab_size) == self.eos_id),
-                               1e9, logits)
-        k = k.reshape(cache.k.shape)
-        return logits, MockCache(k, cache.v)
+            logits_at = jnp.full((tokens.shape[0],), tokens.shape[1] - 1, jnp.int32)
+        return _mock_step(tokens, positions, block_tables, cache, logits_at, self._allowed,
+                          eos_id=self.eos_id, eos_at=self.eos_at)
+
+
+@functools.partial(jax.jit, donate_argnums=(3,), static_argnames=("eos_id", "eos_at"))
+def _mock_step(tokens, positions, block_tables, cache: MockCache, logits_at, allowed, *,
+               eos_id: int, eos_at: int | None):
+    """The mock's step, jitted once per process (shared by every MockModel)."""
+    _, nb, bs, _, _ = cache.k.shape
+    b, _ = tokens.shape
+    p = block_tables.shape[1]
+    vocab = allowed.shape[0]
+    # write: one value per (token, position) into its slot; padding (-1) goes nowhere
+    valid = positions >= 0
+    safe = jnp.where(valid, positions, 0)
+    block = jnp.take_along_axis(block_tables, jnp.minimum(safe // bs, p - 1), axis=1)
+    slots = jnp.where(valid, block * bs + safe % bs, nb * bs)             # [B, T]
+    values = _mix(tokens * 7919 + positions * 104729 + 1)                  # [B, T]
+    k = cache.k.reshape(nb * bs).at[slots.reshape(-1)].set(values.reshape(-1), mode="drop")
+    # read: every cached value at positions <= the queried token's position
+    q_pos = jnp.take_along_axis(positions, logits_at[:, None], axis=1)     # [B, 1]
+    key_pos = jnp.arange(p * bs)[None, :]                                  # [1, P*bs]
+    key_slots = (block_tables[:, :, None] * bs + jnp.arange(bs)).reshape(b, p * bs)
+    seen = jnp.where(key_pos <= q_pos, _mix(k[key_slots] + key_pos), 0)
+    h = _mix(jnp.sum(seen, axis=1))                                        # [B]
+    scores = _mix(h[:, None] + jnp.arange(vocab)[None, :] * 31)
+    logits = (scores & 0xFFFF).astype(jnp.float32) / 4096.0                # [B, V]
+    logits = jnp.where(allowed[None, :], logits, -1e9)
+    if eos_at is not None:
+        at_end = (q_pos[:, 0] >= eos_at - 1)[:, None]
+        logits = jnp.where(at_end & (jnp.arange(vocab) == eos_id), 1e9, logits)
+    return logits, MockCache(k.reshape(cache.k.shape), cache.v)
+
+
+# ---- a real server on loopback ----
+
+class LoopbackServer:
+    """Run an ASGI app under uvicorn on ``127.0.0.1`` and a free port, in a thread.
+
+    Example:
+      >>> with LoopbackServer(create_app(engine, tok)) as srv:             # doctest: +SKIP
+      ...     openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+    """
+
+    def __init__(self, app, *, startup_timeout: float = 30.0):
+        import threading
+
+        import uvicorn
+
+        from .app import bind_socket
+
+        self._sock = bind_socket("127.0.0.1", 0)
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name="uvicorn", daemon=True)
+        self._timeout = startup_timeout
+
+    def __enter__(self) -> LoopbackServer:
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
