@@ -245,10 +245,10 @@ class Engine:
             raise EngineError(f"engine is not running: {self._error!r}" if self._error
                               else "engine is not ready")
         self._validate(prompt_ids, params)
-        if self.scheduler.num_waiting + len(self._inbox) >= self.config.max_waiting:
-            raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
         if request_id in self._tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if self.scheduler.num_waiting + len(self._inbox) >= self.config.max_waiting:
+            raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         req = Request(request_id, [int(t) for t in prompt_ids], params, seed=seed,
                       stop_ids=(frozenset() if params.ignore_eos else self.eos_ids)
