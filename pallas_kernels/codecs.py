@@ -117,14 +117,12 @@ def _wint2_planes(refs, consts, g, kb, bk: int, cols, bn: int, dtype) -> list[ja
 
     # Group scales: plane row p of this block is K row k0 + 4p + t, in group (k0 + 4p) // 64,
     # i.e. local group p // 16, stored in scale byte p // 32 (high nibble for even groups).
-    n_bytes = bk // (2 * GROUP_SIZE)
-    sb = ws_ref[g, pl.ds(kb * n_bytes, n_bytes), cols].astype(jnp.int32)  # [bk/128, bn]
+    # Each thread gathers the scale bytes of its own elements (L1 hits): no layout shuffles.
     per = GROUP_SIZE // 4  # plane rows per group (16)
-    hi = jnp.broadcast_to(((sb >> 4) & 0xF)[:, None, :], (n_bytes, 2 * per, bn))
-    lo = jnp.broadcast_to((sb & 0xF)[:, None, :], (n_bytes, 2 * per, bn))
-    hi, lo = hi.reshape(rows, bn), lo.reshape(rows, bn)
-    even = (jax.lax.broadcasted_iota(jnp.int32, (rows, bn), 0) // per) % 2 == 0
-    scale = jnp.where(even, hi, lo).astype(jnp.float32) * ss  # [bk/4, bn] nib * ss, exact
+    p = jnp.arange(rows, dtype=jnp.int32)
+    sb = ws_ref[g, kb * (bk // (2 * GROUP_SIZE)) + p // (2 * per), cols]  # [bk/4, bn] u8
+    shift = jnp.where((p // per) % 2 == 0, 4, 0)[:, None]
+    scale = ((sb.astype(jnp.int32) >> shift) & 0xF).astype(jnp.float32) * ss  # nib * ss, exact
 
     out = []
     for s in _WINT2_SHIFTS:

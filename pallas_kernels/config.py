@@ -32,6 +32,9 @@ class TuningConfig:
       block_k: K rows per pipelined step (WINT2: a multiple of 128, two scale groups a byte).
       num_warps: warps per program.
       num_stages: software-pipelining depth of the K loop.
+      mode: ``"mma"`` (one tensor-core dot per decoded plane, x columns plane-permuted),
+        ``"mma_merged"`` (planes interleaved back to natural K order, one dot per K block) or
+        ``"fma"`` (GEMV-style CUDA-core FMAs for tiles of at most 8 rows).
     """
 
     block_m: int = 16
@@ -39,16 +42,23 @@ class TuningConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
+    mode: str = "mma"
 
     def __post_init__(self):
         for f in ("block_m", "block_n", "block_k", "num_warps"):
             v = getattr(self, f)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{f}={v} must be a positive power of two")
-        if self.block_m < 16 or self.block_n < 16:
-            raise ValueError(f"block_m={self.block_m} and block_n={self.block_n} must be >= 16")
+        if self.mode not in ("mma", "mma_merged", "fma"):
+            raise ValueError(f"mode={self.mode!r} must be 'mma', 'mma_merged' or 'fma'")
+        if self.mode == "fma" and self.block_m > 8:
+            raise ValueError(f"mode='fma' takes block_m <= 8, got {self.block_m}")
+        if self.mode != "fma" and self.block_m < 16:
+            raise ValueError(f"tensor-core modes need block_m >= 16, got {self.block_m}")
+        if self.block_n < 16:
+            raise ValueError(f"block_n={self.block_n} must be >= 16")
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
 
 

@@ -70,19 +70,31 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
     store_mask = ((rows >= lo) & (rows < hi))[:, None]
     out_at = o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]
 
-    @pl.when((hi > lo) & (g < num_groups))
-    def _compute():
+    def epilogue(accs, row_scale):
+        if codec.column_scaled:
+            accs = tuple(a * codec.column_scale(w_refs, g, c, bn)
+                         for a, c in zip(accs, col_offsets, strict=True))
+        y = _silu(accs[0]) * accs[1] if n_half is not None else accs[0]
+        return y if row_scale is None else y * row_scale
+
+    def _compute_mma():
         consts = [codec.columns(w_refs, g, c, bn) for c in col_offsets]
         row_ok = (rows < m)[:, None]
+
+        def x_slice(start, size):
+            return plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(start, size)], mask=row_ok,
+                              other=0.0).astype(compute_dtype)
 
         def body(kb, accs):
             new = []
             for c, cst, acc in zip(col_offsets, consts, accs, strict=True):
                 planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, compute_dtype)
-                for p, w in enumerate(planes):
-                    xs = plgpu.load(x_ref.at[pl.ds(row0, bm), pl.ds(kb * bk + p * (bk // P),
-                                                                  bk // P)],
-                                    mask=row_ok, other=0.0).astype(compute_dtype)
+                if cfg.mode == "mma_merged":  # one dot of depth bk on natural-order K
+                    pairs = [(x_slice(kb * bk, bk), interleave_planes(planes))]
+                else:  # one dot of depth bk/P per plane, x columns plane-permuted
+                    pairs = [(x_slice(kb * bk + p * (bk // P), bk // P), w)
+                             for p, w in enumerate(planes)]
+                for xs, w in pairs:
                     acc = acc + jnp.dot(xs, w, preferred_element_type=jnp.float32,
                                         precision=_precision(compute_dtype))
                 new.append(acc)
@@ -90,22 +102,70 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
 
         zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in col_offsets)
         accs = jax.lax.fori_loop(0, k // bk, body, zeros)
-        if codec.column_scaled:
-            accs = tuple(a * codec.column_scale(w_refs, g, c, bn)
-                         for a, c in zip(accs, col_offsets, strict=True))
-        y = _silu(accs[0]) * accs[1] if n_half is not None else accs[0]
+        rs = None
         if rs_ref is not None:
             rs = plgpu.load(rs_ref.at[pl.ds(row0, bm)], mask=rows < m, other=0.0)
-            y = y * rs.astype(jnp.float32)[:, None]
-        plgpu.store(out_at, y.astype(o_ref.dtype), mask=store_mask)
+            rs = rs.astype(jnp.float32)[:, None]
+        plgpu.store(out_at, epilogue(accs, rs).astype(o_ref.dtype), mask=store_mask)
+
+    def _compute_fma():
+        # GEMV-style for a few rows: no tensor cores, no operand-layout shuffles. Each row keeps
+        # a [bk/P, bn] fp32 partial sum (FMAs of decoded planes with broadcast x), reduced over
+        # K once after the loop.
+        consts = [codec.columns(w_refs, g, c, bn) for c in col_offsets]
+        rp = bk // P
+
+        def body(kb, accs):
+            new = []
+            for c, cst, acc_rows in zip(col_offsets, consts, accs, strict=True):
+                planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, jnp.float32)
+                acc_rows = list(acc_rows)
+                for r in range(bm):
+                    for p, w in enumerate(planes):
+                        xs = plgpu.load(x_ref.at[row0 + r, pl.ds(kb * bk + p * rp, rp)],
+                                        mask=row0 + r < m, other=0.0)
+                        acc_rows[r] = acc_rows[r] + w * xs.astype(jnp.float32)[:, None]
+                new.append(tuple(acc_rows))
+            return tuple(new)
+
+        zeros = tuple(tuple(jnp.zeros((rp, bn), jnp.float32) for _ in range(bm))
+                      for _ in col_offsets)
+        accs = jax.lax.fori_loop(0, k // bk, body, zeros)
+        for r in range(bm):
+            row = row0 + r
+            rs = None
+            if rs_ref is not None:
+                rs = plgpu.load(rs_ref.at[pl.ds(row, 1)], mask=row < m, other=0.0)
+                rs = rs.astype(jnp.float32)[None, :]
+            acc_r = tuple(jnp.sum(a[r], axis=0, keepdims=True) for a in accs)  # [1, bn]
+            plgpu.store(o_ref.at[pl.ds(row, 1), pl.ds(n0, bn)],
+                        epilogue(acc_r, rs).astype(o_ref.dtype),
+                        mask=jnp.full((1, bn), (row >= lo) & (row < hi)))
+
+    pl.when((hi > lo) & (g < num_groups))(_compute_fma if cfg.mode == "fma" else _compute_mma)
 
     @pl.when((hi > lo) & (g >= num_groups))
     def _padding():
         plgpu.store(out_at, jnp.zeros((bm, bn), o_ref.dtype), mask=store_mask)
 
 
+def interleave_planes(planes: list[jax.Array]) -> jax.Array:
+    """``P`` planes ``[r, bn]`` (plane t = K rows P*p + t) -> ``[P*r, bn]`` in natural K order."""
+    if len(planes) == 1:
+        return planes[0]
+    r, bn = planes[0].shape
+    if len(planes) == 2:
+        w = jnp.stack(planes, axis=-1)  # [r, bn, 2]
+        return jnp.transpose(w, (0, 2, 1)).reshape(2 * r, bn)
+    lo = jnp.stack(planes[0:2], axis=-1)  # [r, bn, 2]: t = i
+    hi = jnp.stack(planes[2:4], axis=-1)  # t = 2 + i
+    w = jnp.stack([lo, hi], axis=-1)  # [r, bn, i, j]: t = i + 2j
+    return jnp.transpose(w, (0, 3, 2, 1)).reshape(4 * r, bn)
+
+
 def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    # An explicit algorithm: jax 0.11 lowers Precision.HIGHEST to TF32 inside Triton kernels.
+    return jax.lax.DotAlgorithmPreset.F32_F32_F32 if dtype == jnp.float32 else None
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "activation", "out_dtype", "cfg",

@@ -54,22 +54,21 @@ def _validate(x, w, fmt, k_order, activation, row_scale, cfg) -> tuple[int, int,
     return m, k, n_out
 
 
-def _column_order(k: int, bk: int, fmt: str, k_order: str) -> np.ndarray:
-    perm = plane_permutation(k, bk, CODECS[fmt].planes)
+def _column_order(k: int, bk: int, planes: int, k_order: str) -> np.ndarray:
+    perm = plane_permutation(k, bk, planes)
     if k_order == "shuffled":
         # W_shuffled = W_natural[idx] along K, so x @ W_shuffled == x[:, argsort(idx)] @ W_natural.
         perm = np.argsort(shuffled_k_index(k)).astype(np.int32)[perm]
     return perm
 
 
-def _permute_columns(x: jax.Array, k: int, bk: int, fmt: str, k_order: str) -> jax.Array:
-    planes = CODECS[fmt].planes
+def _permute_columns(x: jax.Array, k: int, bk: int, planes: int, k_order: str) -> jax.Array:
     if planes == 1 and k_order == "natural":
         return x
     if k_order == "natural":  # a transpose, cheaper than a gather
         m = x.shape[0]
         return x.reshape(m, k // bk, bk // planes, planes).swapaxes(-1, -2).reshape(m, k)
-    return jnp.take(x, jnp.asarray(_column_order(k, bk, fmt, k_order)), axis=1)
+    return jnp.take(x, jnp.asarray(_column_order(k, bk, planes, k_order)), axis=1)
 
 
 def tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]:
@@ -131,7 +130,8 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
     else:
         group_sizes = jnp.full((1,), m, jnp.int32)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
-    xp = _permute_columns(x, k, cfg.block_k, fmt, k_order)
+    planes = 1 if cfg.mode == "mma_merged" else CODECS[fmt].planes  # x order the kernel reads
+    xp = _permute_columns(x, k, cfg.block_k, planes, k_order)
     tiles = tile_table(group_sizes, m, cfg.block_m)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     return grouped_matmul(xp, _weights(w, fmt, grouped), tiles, rs, fmt=fmt,
