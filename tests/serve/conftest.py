@@ -41,3 +41,9 @@ def mock_server(*, api_key=None, model=None, **engine_kw):
 def served():
     with mock_server() as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def make_mock_server():
+    """``with make_mock_server(api_key=..., **engine_config) as served: ...``"""
+    return mock_server
