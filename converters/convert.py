@@ -278,7 +278,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         checkpoint.write_meta(tmp, {**_meta(ckpt, k_order), "summary": _summary_meta(summary)})
         _replace(tmp, dst, force)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -288,6 +288,16 @@ def _summary_meta(s: Summary) -> dict[str, Any]:
     d = dataclasses.asdict(s)
     d["skipped"], d["rounded"] = len(s.skipped), len(s.rounded)  # counts: lists may be long
     return d
+
+
+def _remove(tmp: pathlib.Path, attempts: int = 100) -> None:
+    """Delete the temporary output, waiting out writer threads (Orbax/TensorStore) that an
+    interrupt left running and that may still create files in it."""
+    for _ in range(attempts):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.exists():
+            return
+        time.sleep(0.05)
 
 
 def _replace(tmp: pathlib.Path, dst: pathlib.Path, force: bool) -> None:

@@ -51,14 +51,16 @@ class Fetch:
     def has(self, name: str) -> bool:
         return name in self.src
 
-    def __call__(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...] | None,
-                 *, why: str = "") -> np.ndarray:
+    def __call__(self, name: str, dtypes: tuple[str, ...],
+                 shape: tuple[int, ...] | list[tuple[int, ...]], *, why: str = "") -> np.ndarray:
+        """Read ``name`` after checking its declared dtype and shape (or one of ``shape``s)."""
         if name not in self.src:
             raise CheckpointError(f"{self.src.path}: missing tensor {name!r}"
                                   f"{f' ({why})' if why else ''}")
         info = self.src.info(name)
-        if info.dtype not in dtypes or (shape is not None and tuple(info.shape) != tuple(shape)):
-            want = f"{'/'.join(dtypes)} {list(shape) if shape is not None else ''}".strip()
+        shapes = [tuple(s) for s in shape] if isinstance(shape, list) else [tuple(shape)]
+        if info.dtype not in dtypes or tuple(info.shape) not in shapes:
+            want = f"{'/'.join(dtypes)} {' or '.join(str(list(s)) for s in shapes)}"
             raise CheckpointError(f"{self.src.where(name)} is {info.dtype} {list(info.shape)}, "
                                   f"expected {want}{f' ({why})' if why else ''}")
         self.consumed.add(name)
@@ -161,20 +163,15 @@ def router(fetch: Fetch, name: str, shape: tuple[int, ...], *, out_in: bool) -> 
 def correction_bias(fetch: Fetch, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """``e_score_correction_bias`` ``[1, E]`` (or ``[E]``) -> f32 ``[E]``; never via bf16."""
     (e,) = shape
-    info_shape = tuple(fetch.src.info(name).shape) if fetch.has(name) else (1, e)
-    b = fetch(name, FLOATS, info_shape if info_shape in ((e,), (1, e)) else (1, e),
-              why=fetch.origin)
-    return fetch.to_f32(name, b).reshape(e)
+    return fetch.to_f32(name, fetch(name, FLOATS, [(1, e), (e,)], why=fetch.origin)).reshape(e)
 
 
 def lm_head(fetch: Fetch, name: str, shape: tuple[int, ...], *, out_in: bool) -> np.ndarray:
     """lm_head to bf16 ``[H, V]``: HF stores ``[V, H]``; Paddle either (decided by shape)."""
     h, v = shape
-    if not out_in and fetch.has(name) and tuple(fetch.src.info(name).shape) == (v, h) and v != h:
-        out_in = True  # FastDeploy accepts a [V, H] Paddle lm_head too
-    w = fetch(name, FLOATS, (v, h) if out_in else (h, v), why=fetch.origin)
-    w = fetch.to_bf16(name, w)
-    return np.ascontiguousarray(w.T) if out_in else w
+    allowed = [(v, h)] if out_in else [(h, v), (v, h)]  # FastDeploy reads a Paddle [V, H] too
+    w = fetch.to_bf16(name, fetch(name, FLOATS, allowed, why=fetch.origin))
+    return np.ascontiguousarray(w.T) if w.shape == (v, h) and (out_in or v != h) else w
 
 
 def stack_experts(build: Callable[[int, Shapes], dict[str, np.ndarray]],

@@ -7,6 +7,7 @@ and a one-line reason naming the file and tensor.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from converters import CheckpointError, convert_checkpoint  # lazy: keeps --help fast
 
+    # SIGTERM unwinds like Ctrl-C, so the converter removes its temporary directory.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         summary = convert_checkpoint(args.src, args.dst, k_order=args.k_order, force=args.force,
                                      progress=not args.no_progress)

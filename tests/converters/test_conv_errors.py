@@ -182,3 +182,26 @@ def test_bad_k_order_is_a_usage_error(src, capsys):
 def test_k_order_recorded(src, tmp_path):
     assert main([str(src), str(tmp_path / "dst"), "--k-order", "shuffled", "--no-progress"]) == 0
     assert checkpoint.read_meta(tmp_path / "dst")["k_order"] == "shuffled"
+
+
+def test_sigterm_mid_run_leaves_nothing(tmp_path):
+    """A real child process killed with SIGTERM while converting removes its temporary dir."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from converters.bench_rss import synthetic_config
+    from jaxwint2.testing import random_part
+
+    cfg = synthetic_config(int(60e6), hidden=512)
+    src = converters.write_paddle_checkpoint(cfg, lambda p: random_part(cfg, p), tmp_path / "src")
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxwint2.convert", str(src), str(dst),
+                             "--no-progress"], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".dst.tmp-*/params/layers/*")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # wait until some layers are written
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
