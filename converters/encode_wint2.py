@@ -133,8 +133,8 @@ def _select_codebook(x, s0, qc, select_groups: int, rounds: int):
 @functools.partial(jax.jit, static_argnames=("rounds", "select_groups", "select_rounds",
                                              "n_candidates"))
 def encode_chunk(w: jax.Array, hessian_chol: jax.Array | None = None, *, rounds: int = 4,
-                 select_groups: int = 8, select_rounds: int = 2,
-                 n_candidates: int | None = None) -> dict[str, jax.Array]:
+                 select_groups: int = 64, select_rounds: int = 3,
+                 n_candidates: int | None = 16) -> dict[str, jax.Array]:
     """Encode columns ``w [K, n]`` (natural K order) -> the five tensors (device arrays).
 
     ``hessian_chol``: upper Cholesky factor of the damped inverse calibration Hessian
@@ -167,8 +167,13 @@ def encode_chunk(w: jax.Array, hessian_chol: jax.Array | None = None, *, rounds:
             "code_zp": zp_all[best]}
 
 
-def default_chunk(k: int, budget_bytes: int = 1 << 29) -> int:
-    """Columns per chunk so that an unfused ``[chunk, K/4, 256]`` f32 tensor stays in budget."""
+def default_chunk(k: int, budget_bytes: int | None = None) -> int:
+    """Columns per chunk so that an unfused ``[chunk, K/4, 256]`` f32 tensor stays in budget.
+
+    The budget is 512 MiB on CPU and 2 GiB on accelerators (bigger chunks keep a GPU busy).
+    """
+    if budget_bytes is None:
+        budget_bytes = 1 << (29 if jax.default_backend() == "cpu" else 31)
     return max(8, min(4096, budget_bytes // (k // 4 * 256 * 4)) // 8 * 8)
 
 
