@@ -3,11 +3,11 @@
 # ---- conversion and loading (runtime layout: jaxwint2/layout.py) ----
 from .convert import Summary as Summary
 from .convert import convert_checkpoint as convert_checkpoint
-from .convert import iter_checkpoint as iter_checkpoint
-from .convert import load_checkpoint as load_checkpoint
 
 # ---- errors: bad input, with a one-line reason naming file and tensor ----
 from .errors import CheckpointError as CheckpointError
+from .loader import iter_checkpoint as iter_checkpoint
+from .loader import load_checkpoint as load_checkpoint
 
 # ---- writing Paddle-layout checkpoints (fixtures, demo, quantizer) ----
 from .paddle_writer import write_paddle_checkpoint as write_paddle_checkpoint
@@ -26,3 +26,6 @@ from .weight_only import dequantize_weight_only as dequantize_weight_only
 from .weight_only import pack_weight_only as pack_weight_only
 from .weight_only import quantize_weight_only as quantize_weight_only
 from .weight_only import unpack_weight_only as unpack_weight_only
+
+# ---- WINT2 (CCQ) encoder and checkpoint quantizer ----
+from .encode_wint2 import encode_wint2 as encode_wint2
