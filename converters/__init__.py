@@ -1,11 +1,13 @@
 """Checkpoint readers and converters: FastDeploy/Paddle and HF ERNIE-4.5 checkpoints -> jaxwint2."""
 
-# ---- conversion and loading (runtime layout: jaxwint2/layout.py) ----
+# ---- conversion to jaxwint2's runtime layout (jaxwint2/layout.py) ----
 from .convert import Summary as Summary
 from .convert import convert_checkpoint as convert_checkpoint
 
 # ---- errors: bad input, with a one-line reason naming file and tensor ----
 from .errors import CheckpointError as CheckpointError
+
+# ---- loading the runtime tree (converted or source checkpoints) ----
 from .loader import iter_checkpoint as iter_checkpoint
 from .loader import load_checkpoint as load_checkpoint
 

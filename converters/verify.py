@@ -18,8 +18,8 @@ import numpy as np
 
 from jaxwint2 import checkpoint
 
-from .convert import iter_checkpoint
 from .errors import CheckpointError
+from .loader import iter_checkpoint
 
 
 def _leaves(tree, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:

@@ -3,7 +3,7 @@
 import numpy as np
 
 import pallas_kernels as pk
-from converters.convert import count_unfused
+from converters.loader import count_unfused
 
 
 def test_count_unfused_matches_spec_on_arbitrary_floats():
