@@ -4,8 +4,8 @@ Drives :class:`~serve.engine.Engine` directly (no HTTP, so it runs where FastAPI
 the GPU machine) with closed-loop clients: at concurrency ``c``, ``c`` workers each send a request,
 wait for its last token, and send the next. Prompts are random token ids of a fixed length and
 ``ignore_eos`` is set, so every request produces exactly ``--max-tokens`` tokens. Each level runs
-once untimed (compiling every shape it needs) and then timed; the timed run reports how many new
-compilations it saw (0 in steady state).
+once untimed (same traffic shape: it compiles every shape the level meets) and then timed; the
+timed run reports how many new compilations it saw (0 in steady state).
 
 Reports per level: TTFT (median / p90 / p99), inter-token latency (median / p90 / p99), output
 tokens/s, total tokens/s and requests/s, as a table on stdout and one JSON line per level
@@ -155,7 +155,8 @@ async def sweep(engine: Engine, args) -> list[dict]:
         def prompts(k):
             return [rng.integers(16, vocab, args.prompt_len).tolist() for _ in range(k)]
 
-        await run_level(engine, prompts(c), c, params, f"warm{c}")     # compile this level
+        # an untimed pass of the same traffic compiles every shape this level meets
+        await run_level(engine, prompts(n), c, params, f"warm{c}")
         before = engine.stats().num_compilations
         timings, wall = await run_level(engine, prompts(n), c, params, f"c{c}")
         row = summarize(timings, wall, c, args.prompt_len)
