@@ -141,13 +141,11 @@ def _origin(layout: str, quantized: bool) -> str:
     return f"{layout} config.json {'quantization_config' if quantized else '(unquantized)'}"
 
 
-def build_rank_part(ckpt: SourceCheckpoint, part: str, rank: int,
-                    fetch: hooks.Fetch | None = None) -> tuple[Tree, hooks.Fetch]:
+def build_rank_part(ckpt: SourceCheckpoint, part: str, rank: int) -> tuple[Tree, hooks.Fetch]:
     """One rank's slice of ``part`` in runtime layout (shapes of that rank)."""
     cfg, tp = ckpt.config, ckpt.tp_size
-    src = ckpt.ranks[rank]
     quantized = bool(ckpt.config_dict.get("quantization_config"))
-    fetch = fetch or hooks.Fetch(src, _origin(ckpt.layout, quantized))
+    fetch = hooks.Fetch(ckpt.ranks[rank], _origin(ckpt.layout, quantized))
     shapes = rank_shapes(cfg, part, rank, tp) if tp > 1 else part_shapes(cfg, part)
     i = layer_index(part)
     out: Tree = {}
@@ -171,12 +169,14 @@ def build_part(ckpt: SourceCheckpoint, part: str) -> tuple[Tree, list[hooks.Fetc
     Returns the subtree and the per-rank :class:`hooks.Fetch` records (consumed names, rounded
     tensors).
     """
-    built = [build_rank_part(ckpt, part, r) for r in range(ckpt.tp_size)]
-    subtrees, fetches = [b[0] for b in built], [b[1] for b in built]
     try:
+        built = [build_rank_part(ckpt, part, r) for r in range(ckpt.tp_size)]
+        subtrees, fetches = [b[0] for b in built], [b[1] for b in built]
         sub = merge_tp(ckpt.config, part, subtrees) if ckpt.tp_size > 1 else subtrees[0]
         check_part(ckpt.config, part, sub)
-    except ValueError as e:
+    except CheckpointError:
+        raise
+    except ValueError as e:  # shapes that cannot be split, ranks that disagree
         raise CheckpointError(f"{ckpt.path}: {e}") from e
     return sub, fetches
 

@@ -205,3 +205,19 @@ def test_sigterm_mid_run_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_rank_dirs_that_disagree_on_a_replicated_tensor(ckpts, tmp_path, capsys):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(ckpts["tp2"], src)
+    name = "ernie.layers.1.mlp.moe_statics.e_score_correction_bias"
+    rank1 = src / "rank1"
+    weight_map = json.loads((rank1 / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = weight_map[name]
+    tensors = read_all(rank1)
+    with SafetensorsWriter(rank1 / shard, bf16_header="U16") as w:  # rewrite that shard
+        for n, t in tensors.items():
+            if weight_map[n] == shard:
+                w.add(n, t + 1 if n == name else t)
+    _fails(capsys, src, tmp_path / "dst", "layers/1/mlp/router/bias", "ranks 0 and 1")
