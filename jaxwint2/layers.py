@@ -104,13 +104,26 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Embedding(nnx.Module):
-    """Token embedding ``[V, H]`` (bf16 in the runtime layout); also the tied output head."""
+    """Token embedding ``[V, H]`` (bf16 in the runtime layout); also the tied output head.
 
-    def __init__(self, weight: jax.Array):
+    With ``axis_name`` (tensor parallelism under ``shard_map``) this rank holds vocab rows
+    ``[r * V_local, (r+1) * V_local)``: ids outside them look up zeros and the ranks' rows are
+    summed over the axis; :meth:`attend` then gives this rank's vocab columns only.
+    """
+
+    def __init__(self, weight: jax.Array, axis_name: str | None = None):
         self.weight = nnx.Param(jnp.asarray(weight))
+        self.axis_name = axis_name
 
     def __call__(self, ids: jax.Array, dtype) -> jax.Array:
-        return jnp.take(self.weight[...], ids, axis=0).astype(dtype)
+        if self.axis_name is None:
+            return jnp.take(self.weight[...], ids, axis=0).astype(dtype)
+        rows = self.weight.shape[0]
+        local = ids - jax.lax.axis_index(self.axis_name) * rows
+        mine = (local >= 0) & (local < rows)
+        x = jnp.take(self.weight[...], jnp.where(mine, local, 0), axis=0)
+        x = jnp.where(mine[..., None], x, jnp.zeros_like(x))  # exactly one rank is non-zero
+        return jax.lax.psum(x, self.axis_name).astype(dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied head: ``x [..., H] @ weight.T`` -> fp32 ``[..., V]``."""

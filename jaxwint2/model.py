@@ -117,7 +117,7 @@ class ErnieForCausalLM(nnx.Module):
             raise ValueError(f"params['layer_stacks'] has {len(stacks)} entries, expected "
                              f"{len(groups)} (one per layer_groups(cfg) run)")
 
-        self.embed = Embedding(params["embed"]["weight"])
+        self.embed = Embedding(params["embed"]["weight"], axis_name=axis_name)
         self.stacks = nnx.List([
             LayerStack(cfg, g, st, dense_fmt=dense_fmt,
                        expert_fmt=(WeightFormat(cfg.expert_format(g.start), kernels, k_order)
@@ -126,6 +126,7 @@ class ErnieForCausalLM(nnx.Module):
             for g, st in zip(groups, stacks, strict=True)])
         self.final_norm = RMSNorm(params["final_norm"]["weight"], cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(params["lm_head"]["weight"])
+        self.axis_name = axis_name
 
     @classmethod
     def from_params(cls, cfg: ErnieConfig, params: Mapping[str, Any], **kw) -> ErnieForCausalLM:
@@ -151,6 +152,8 @@ class ErnieForCausalLM(nnx.Module):
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.axis_name is not None:  # vocab-parallel head: this rank's columns -> all
+            logits = jax.lax.all_gather(logits, self.axis_name, axis=-1, tiled=True)
         return logits, cache
 
     def forward(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
