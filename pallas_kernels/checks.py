@@ -51,8 +51,8 @@ def _exact_oracle(w: dict, fmt: str, k_order: str) -> tuple[dict, str]:
 
 
 def check_matmul(fmt: str, *, grouped: bool, activation=None, row_scale: bool = False,
-                 k_order: str = "natural", x_dtype=jnp.bfloat16, m: int = 40, k: int = 256,
-                 n: int = 128, e: int = 4, padding: int = 3, seed: int = 0, interpret: bool,
+                 k_order: str = "natural", x_dtype=jnp.bfloat16, m: int = 24, k: int = 256,
+                 n: int = 64, e: int = 3, padding: int = 3, seed: int = 0, interpret: bool,
                  config: TuningConfig | None = None):
     """Run the kernel once on fresh random data and assert it matches the reference."""
     rng = np.random.default_rng(seed)

@@ -97,22 +97,26 @@ def _tuned_table(device: str) -> dict[str, TuningConfig]:
 
 def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
                      num_groups: int = 1) -> TuningConfig:
-    """A reasonable config when no tuned entry exists.
+    """A reasonable config when no tuned entry exists (from H100 sweeps, see ``bench.py``).
 
-    Small row counts are memory-bound: one 16-row tile per active expert and narrow column
-    blocks so that enough programs stream weights in parallel. Larger per-expert row counts use
-    larger tiles to raise the MMA's arithmetic intensity.
+    Few rows per expert: one 16-row tile per active expert, narrow column blocks (many
+    programs stream weights in parallel) and a K block that keeps the decoded planes within
+    ~128 registers per thread (the decode is register-bound: at 255 registers the SM holds two
+    programs). Many rows per expert: 64-row tiles raise the MMA's arithmetic intensity.
     """
     per_group = max(1, m // max(1, min(num_groups, m)))
-    bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group <= 128 else 128
-    bn = 64 if bm <= 32 else 128
-    if activation == "swiglu" and bm >= 64:
-        bn = 64
-    bk = 256 if fmt in ("wint2", "wint4") else 128
-    bk = min(bk, _largest_pow2_divisor(k))
-    bn = min(bn, _largest_pow2_divisor(n_out))
-    return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=4 if bm <= 64 else 8,
-                        num_stages=3)
+    if per_group <= 16:
+        bm, bn, bk, nw = 16, 32, 256, 4
+    elif per_group <= 64:
+        bm, bn, bk, nw = 32, 64, 128, 4
+    else:
+        bm, bn, bk, nw = 64, 64, 128, 4
+    if fmt in ("bf16", "wint8"):
+        bk = 128
+        bn = 64 if bm == 16 else bn
+    bk = max(min(bk, _largest_pow2_divisor(k)), 16)
+    bn = max(min(bn, _largest_pow2_divisor(n_out)), 16)
+    return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3)
 
 
 def _largest_pow2_divisor(v: int) -> int:

@@ -37,6 +37,7 @@ backend-neutral so that a Mosaic kernel can slot in behind the same ``implementa
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from .codecs import CODECS
 from .config import TuningConfig
+
+# jax 0.11 deprecates the Triton lowering (see the module docstring for why it is used here);
+# the warning fires at every compile of a caller's jit and says nothing actionable to them.
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
+                        category=DeprecationWarning)
 
 
 def _silu(v: jax.Array) -> jax.Array:

@@ -1,0 +1,107 @@
+"""Dispatch (``implementation=``), shape errors, tile tables, configs, import hygiene."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import config, kernels, shapes
+from pallas_kernels.codecs import plane_permutation
+
+
+@pytest.fixture(scope="module")
+def w2():
+    return shapes.random_linear(jax.random.key(0), "wint2", 256, 64, 2)
+
+
+def test_xla_and_default_paths_agree_on_cpu(w2):
+    x = jax.random.normal(jax.random.key(1), (8, 256), jnp.bfloat16)
+    gs = jnp.asarray([5, 3], jnp.int32)
+    a = pk.quant_grouped_matmul(x, w2, gs, fmt="wint2", implementation="xla")
+    b = pk.quant_grouped_matmul(x, w2, gs, fmt="wint2")  # None: reference on a CPU
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_unknown_implementation_raises(w2):
+    x = jnp.zeros((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="implementation"):
+        pk.quant_matmul(x, {k: v[0] for k, v in w2.items()}, fmt="wint2", implementation="cuda")
+
+
+@pytest.mark.parametrize("k,msg", [(192, "divisible by block_k"), (64, "block_k >= 128")])
+def test_pallas_raises_not_implemented_naming_the_constraint(k, msg):
+    w = shapes.random_linear(jax.random.key(0), "wint2", k, 64)
+    x = jnp.ones((4, k), jnp.bfloat16)
+    cfg = config.TuningConfig(block_m=16, block_n=32, block_k=128 if k == 192 else 64)
+    with pytest.raises(NotImplementedError, match=msg):
+        kernels.quant_matmul(x, w, interpret=True, fmt="wint2", config=cfg)
+
+
+def test_pallas_named_explicitly_never_falls_back():
+    w = shapes.random_linear(jax.random.key(0), "wint8", 64, 24)  # N=24: no block_n divides it
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="N_out=24 must be divisible by block_n"):
+        pk.quant_matmul(x, w, fmt="wint8", implementation="pallas")
+    y = pk.quant_matmul(x, w, fmt="wint8", implementation=None)  # falls back to the reference
+    assert y.shape == (4, 24)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(k_order="shuffled", fmt="wint4"), "only applies to wint2"),
+    (dict(activation="gelu", fmt="wint4"), "activation"),
+    (dict(fmt="wint3"), "is not one of"),
+])
+def test_bad_arguments(bad, msg):
+    w = shapes.random_linear(jax.random.key(0), "wint4", 128, 64)
+    with pytest.raises(NotImplementedError, match=msg):
+        kernels.quant_matmul(jnp.ones((4, 128), jnp.bfloat16), w, interpret=True, **bad)
+
+
+@pytest.mark.parametrize("sizes,m,bm", [([3, 0, 0, 20, 5], 40, 16), ([0, 0], 5, 16),
+                                        ([16, 16], 32, 16), ([1] * 8, 8, 1), ([7, 9], 16, 4)])
+def test_tile_table_covers_every_row_once(sizes, m, bm):
+    grp, blk, lo, hi = (np.asarray(a) for a in kernels.tile_table(jnp.asarray(sizes), m, bm))
+    assert len(grp) == -(-m // bm) + len(sizes)
+    owner = np.full(m, -1)
+    for g, b, a, z in zip(grp, blk, lo, hi, strict=True):
+        if z > a:
+            assert b * bm <= a < z <= b * bm + bm  # inside its aligned block
+            assert (owner[a:z] == -1).all()
+            owner[a:z] = g
+    expect = np.repeat(np.arange(len(sizes) + 1), [*sizes, m - sum(sizes)])
+    np.testing.assert_array_equal(owner, expect)  # padding rows belong to group E
+
+
+def test_plane_permutation_groups_rows_by_byte_position():
+    perm = plane_permutation(16, 8, 4)
+    np.testing.assert_array_equal(perm, [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15])
+    assert sorted(plane_permutation(512, 256, 2)) == list(range(512))
+
+
+def test_tuning_config_validation_and_heuristic():
+    with pytest.raises(ValueError, match="power of two"):
+        config.TuningConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_m <= 8"):
+        config.TuningConfig(block_m=16, mode="fma")
+    small = config.heuristic_config("wint2", 8, 8192, 3584, activation="swiglu", num_groups=64)
+    big = config.heuristic_config("wint2", 32768, 8192, 3584, activation="swiglu", num_groups=64)
+    assert small.block_m == 16 and big.block_m > small.block_m
+    assert 8192 % small.block_k == 0 and 3584 % big.block_n == 0
+    assert str(config.TunedKey("wint2", "swiglu", 64, 8192, 3584, 8)) == "wint2|swiglu|64|8192|3584|8"
+
+
+def test_tuned_tables_parse():
+    for path in config.TUNED_DIR.glob("*.json"):
+        table = config._tuned_table(path.stem)
+        assert table and all(isinstance(c, config.TuningConfig) for c in table.values())
+
+
+def test_import_pulls_in_no_jaxwint2_or_flax():
+    code = "import sys, pallas_kernels, pallas_kernels.kernels; " \
+           "print(any(m.split('.')[0] in ('jaxwint2', 'flax') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
