@@ -187,17 +187,30 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
 # ---------------------------------------------------------------------------------------------
 
 
-def _candidates(rows: int, swiglu: bool):
-    per = rows  # upper bound on rows of one expert
-    bms = [16] if per <= 16 else [16, 32] if per <= 64 else [32, 64] if per <= 512 else [64, 128]
-    for bm in bms:
-        for bn in ((32, 64, 128) if bm <= 32 else (64, 128)):
-            for bk in ((256, 512) if bm <= 32 else (128, 256)):
-                for nw in ((4,) if bm <= 32 else (4, 8)):
-                    if bm == 128 and bn == 128 and swiglu and nw == 4:
-                        continue
-                    yield config_lib.TuningConfig(block_m=bm, block_n=bn, block_k=bk,
-                                                  num_warps=nw, num_stages=3)
+def _candidates(rows: int, experts: int):
+    """Configs worth timing for ``rows`` activation rows over ``experts`` experts."""
+    T = config_lib.TuningConfig  # noqa: N806
+    per = -(-rows // min(rows, experts))  # rows of an expert under uniform routing
+    if per <= 16:
+        yield from (T(block_m=16, block_n=bn, block_k=bk, num_warps=nw)
+                    for bn, bk, nw in ((32, 256, 4), (32, 128, 4), (16, 256, 4), (16, 512, 4),
+                                       (64, 128, 4), (32, 256, 8), (64, 256, 8)))
+        if per <= 2:
+            yield from (T(block_m=per, block_n=bn, block_k=bk, num_warps=nw, mode="fma")
+                        for bn, bk, nw in ((64, 256, 8), (128, 128, 4), (32, 256, 4)))
+    elif per <= 64:
+        yield from (T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode)
+                    for bm, bn, bk, nw, mode in ((16, 32, 256, 4, "mma"), (32, 64, 128, 4, "mma"),
+                                                 (32, 32, 256, 4, "mma"), (64, 64, 128, 4, "mma"),
+                                                 (32, 64, 128, 4, "mma_merged")))
+    else:
+        yield from (T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode)
+                    for bm, bn, bk, nw, mode in ((64, 64, 128, 4, "mma"),
+                                                 (64, 64, 128, 4, "mma_merged"),
+                                                 (128, 64, 128, 8, "mma"),
+                                                 (64, 128, 128, 8, "mma"),
+                                                 (128, 128, 128, 8, "mma_merged"),
+                                                 (128, 64, 128, 8, "mma_merged")))
 
 
 def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
@@ -215,11 +228,11 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
                 rows = tokens * s.top_k
                 x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
                 results = []
-                for cfg in _candidates(rows, act is not None):
+                for cfg in _candidates(rows, s.experts):
                     fn = functools.partial(kernels.quant_grouped_matmul, interpret=False,
                                            fmt=fmt, activation=act, config=cfg)
                     try:
-                        sec = time_instances(fn, [(x, w, gs)] * 1, reps=5)
+                        sec = time_instances(fn, [(x, w, gs)], reps=5)
                     except Exception as err:  # noqa: BLE001 - a config that fails to compile
                         print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
                         continue

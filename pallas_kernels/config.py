@@ -125,8 +125,15 @@ def _largest_pow2_divisor(v: int) -> int:
 
 def get_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
                num_groups: int = 1) -> TuningConfig:
-    key = str(TunedKey(fmt, activation or "none", num_groups, k, n_out, rows_bucket(m)))
-    tuned = _tuned_table(device_key()).get(key)
-    if tuned is not None:
-        return tuned
+    """The tuned config of the nearest tuned row bucket (within 4x), else the heuristic."""
+    want = TunedKey(fmt, activation or "none", num_groups, k, n_out, rows_bucket(m))
+    best, best_dist = None, 3
+    for key, cfg in _tuned_table(device_key()).items():
+        *head, rows = key.split("|")
+        if head == [str(v) for v in want[:-1]]:
+            dist = abs(int(rows).bit_length() - want.rows.bit_length())
+            if dist < best_dist:
+                best, best_dist = cfg, dist
+    if best is not None:
+        return best
     return heuristic_config(fmt, m, k, n_out, activation=activation, num_groups=num_groups)
