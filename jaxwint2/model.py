@@ -265,11 +265,10 @@ def count_params(model: ErnieForCausalLM) -> int:
     counted: set[int] = set()
     for _, node in nnx.iter_graph(model):
         if isinstance(node, Linear):
-            w = node.leaves()
-            main = w.get("weight", w.get("quant_weight"))
-            total += int(np.prod(main.shape)) * per_byte[node.fmt.name]
+            main = getattr(node, "weight" if "weight" in node.leaf_names else "quant_weight")
+            total += int(np.prod(main.get_value().shape)) * per_byte[node.fmt.name]
             counted.update(id(getattr(node, n)) for n in node.leaf_names)
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Param) and id(node) not in counted:
-            total += int(np.prod(node.shape))
+            total += int(np.prod(node.get_value().shape))
     return total
