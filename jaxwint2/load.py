@@ -54,7 +54,8 @@ def load(path: str | os.PathLike, *, kernels: str = "auto", tensor_parallel_size
     Args:
       path: converted jaxwint2 checkpoint, or Paddle / HF checkpoint directory.
       kernels: ``"pallas"``, ``"reference"`` or ``"auto"`` (:mod:`jaxwint2.formats`).
-      tensor_parallel_size: devices to shard over (only 1 for now).
+      tensor_parallel_size: devices to shard over; > 1 returns a
+        :class:`jaxwint2.parallel.TPModel` (same API) whatever the checkpoint's own TP size.
       dtype: activation / compute dtype, ``"bfloat16"`` or ``"float32"``.
       k_order: override the WINT2 in-group K order (default: the checkpoint's metadata).
 
@@ -71,11 +72,13 @@ def load(path: str | os.PathLike, *, kernels: str = "auto", tensor_parallel_size
     if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be a positive int, got "
                          f"{tensor_parallel_size!r}")
-    if tensor_parallel_size > 1:
-        raise NotImplementedError(f"tensor_parallel_size={tensor_parallel_size}: tensor "
-                                  "parallelism is not implemented yet (use 1)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"path {str(path)!r} is not a checkpoint directory")
+    if tensor_parallel_size > 1:  # sharded over a ("tp",) mesh: same API, see jaxwint2.parallel
+        from .parallel import load_tensor_parallel
+
+        return load_tensor_parallel(path, tensor_parallel_size, kernels=kernels, dtype=dtype,
+                                    k_order=k_order)
 
     import converters  # lazily: converters imports jaxwint2's config/layout
 
