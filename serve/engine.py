@@ -60,6 +60,8 @@ class EngineConfig:
       max_waiting: queued requests beyond which ``submit`` raises :class:`QueueFullError`.
       enable_prefix_caching: share the KV blocks of common prompt prefixes.
       warmup: shapes compiled before ``ready``: ``none``, ``minimal`` or ``all``.
+      decode_buckets, prefill_batch_buckets, prefill_len_buckets, block_buckets: explicit
+        shape buckets of the runner (default: powers of two); fewer buckets, fewer compilations.
     """
 
     max_num_seqs: int = 64
@@ -73,6 +75,10 @@ class EngineConfig:
     max_waiting: int = 1024
     enable_prefix_caching: bool = True
     warmup: str = "minimal"
+    decode_buckets: tuple[int, ...] = ()
+    prefill_batch_buckets: tuple[int, ...] = ()
+    prefill_len_buckets: tuple[int, ...] = ()
+    block_buckets: tuple[int, ...] = ()
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -202,7 +208,10 @@ class Engine:
         self.runner = ModelRunner(self.model, RunnerConfig(
             num_blocks=self.num_blocks, block_size=c.block_size, max_num_seqs=c.max_num_seqs,
             max_prefill_seqs=c.max_prefill_seqs, max_prefill_chunk=c.max_prefill_chunk,
-            max_blocks_per_seq=c.max_blocks_per_seq), sample_fn=self._sample_fn)
+            max_blocks_per_seq=c.max_blocks_per_seq, decode_buckets=c.decode_buckets,
+            prefill_batch_buckets=c.prefill_batch_buckets,
+            prefill_len_buckets=c.prefill_len_buckets, block_buckets=c.block_buckets),
+            sample_fn=self._sample_fn)
         t0 = time.perf_counter()
         self.runner.warmup(c.warmup)
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB), warm-up %r took %.1f s",

@@ -12,8 +12,9 @@ so that nothing recompiles once every bucket has been seen:
   attention over short contexts does not pay for ``max_model_len``.
 
 Padding rows and tokens carry position ``-1`` (the model neither writes nor reads them). Each
-distinct shape is one compilation, counted for ``/metrics``. Sampling keys are
-``fold_in(key(seed), n_generated)``, so a request's tokens never depend on its batch mates.
+distinct shape is one compilation, counted for ``/metrics``. Sampling is
+``jaxwint2.sampling.sample`` with keys ``fold_in(key(seed), n_generated)``, so a request's tokens
+never depend on its batch mates.
 
 Knows nothing about requests' lifecycles, queues or text; the scheduler decides *what* runs.
 """
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxwint2 import sampling
 
 from .scheduler import ScheduledChunk
 
@@ -55,6 +57,13 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def _checked(buckets: Sequence[int], needed: int, name: str) -> tuple[int, ...]:
+    buckets = tuple(sorted(buckets))
+    if buckets[0] < 1 or buckets[-1] < needed:
+        raise ValueError(f"{name}={buckets} must be positive and reach {needed}")
+    return buckets
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunnerConfig:
     num_blocks: int
@@ -64,47 +73,27 @@ class RunnerConfig:
     max_prefill_chunk: int
     max_blocks_per_seq: int
     min_block_bucket: int = 4
+    # explicit bucket sets (ascending; the last one covers the maximum); empty = powers of two
+    decode_buckets: tuple[int, ...] = ()
+    prefill_batch_buckets: tuple[int, ...] = ()
+    prefill_len_buckets: tuple[int, ...] = ()
+    block_buckets: tuple[int, ...] = ()
 
 
-def _resolve_sampler() -> Callable:
-    try:
-        from jaxwint2 import sampling  # the model package owns sampling
-    except ImportError:  # TODO(serve): drop once jaxwint2.sampling has landed everywhere
-        return _sample_fallback
-    return sampling.sample
-
-
-def _sample_fallback(logits, keys, temperature, top_p, top_k):
-    """Temperature / top-k / top-p sampling with per-row keys (same contract as
-    ``jaxwint2.sampling.sample``); used only while that module is absent."""
-    logits = logits.astype(jnp.float32)
-    v = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    ranked = jnp.take_along_axis(scaled, order, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    keep = jnp.arange(v)[None, :] < k[:, None]
-    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    ranked = jnp.where(keep, ranked, -jnp.inf)
-    pick = jax.vmap(jax.random.categorical)(keys, ranked)
-    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+def seed32(seed: int) -> int:
+    """The 32-bit seed of ``jaxwint2.sampling.step_keys``; identity below 2**32, so the server
+    and offline ``jaxwint2.generate`` sample the same tokens for the same seed."""
+    s = seed % 2**64
+    return s if s < 2**32 else ((s & 0xFFFFFFFF) ^ ((s >> 32) * 0x9E3779B1)) & 0xFFFFFFFF
 
 
 @functools.lru_cache(maxsize=8)
 def _sampler(sample: Callable) -> Callable:
-    """``sample`` under jit with per-row keys ``fold_in(fold_in(key(seed_lo), seed_hi), n)``;
-    cached so that every engine in a process shares one compilation per batch size."""
+    """``sample`` under jit with per-row keys ``fold_in(key(seed), num_generated)``; cached so
+    that every engine in a process shares one compilation per batch size."""
 
     def sample_rows(logits, seeds, counters, temperature, top_p, top_k):
-        def row_key(seed, counter):
-            key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
-            return jax.random.fold_in(key, counter)
-
-        keys = jax.vmap(row_key)(seeds, counters)
-        return sample(logits, keys, temperature, top_p, top_k)
+        return sample(logits, sampling.step_keys(seeds, counters), temperature, top_p, top_k)
 
     return jax.jit(sample_rows)
 
@@ -118,7 +107,7 @@ class _Batch:
     positions: np.ndarray            # int32 [B, T]
     block_tables: np.ndarray         # int32 [B, P]
     logits_at: np.ndarray            # int32 [B]
-    seeds: np.ndarray                # uint32 [B, 2]
+    seeds: np.ndarray                # uint32 [B]
     counters: np.ndarray             # int32 [B]
     temperature: np.ndarray          # f32 [B]
     top_p: np.ndarray                # f32 [B]
@@ -140,13 +129,20 @@ class ModelRunner:
         c = config
         self.cache = model.init_cache(c.num_blocks, c.block_size)
         self._step = model.step_jit      # bound once: the model's weights are fixed
-        self.decode_buckets = pow2_buckets(1, c.max_num_seqs)
-        self.prefill_batch_buckets = pow2_buckets(1, c.max_prefill_seqs)
-        self.prefill_len_buckets = pow2_buckets(min(MIN_PREFILL_LEN, c.max_prefill_chunk),
-                                                c.max_prefill_chunk)
-        self.block_buckets = pow2_buckets(min(c.min_block_bucket, c.max_blocks_per_seq),
-                                          c.max_blocks_per_seq)
-        self._sample = _sampler(sample_fn or _resolve_sampler())
+        self.decode_buckets = _checked(c.decode_buckets or pow2_buckets(1, c.max_num_seqs),
+                                       c.max_num_seqs, "decode_buckets")
+        self.prefill_batch_buckets = _checked(
+            c.prefill_batch_buckets or pow2_buckets(1, c.max_prefill_seqs), c.max_prefill_seqs,
+            "prefill_batch_buckets")
+        self.prefill_len_buckets = _checked(
+            c.prefill_len_buckets or pow2_buckets(min(MIN_PREFILL_LEN, c.max_prefill_chunk),
+                                                  c.max_prefill_chunk),
+            c.max_prefill_chunk, "prefill_len_buckets")
+        self.block_buckets = _checked(
+            c.block_buckets or pow2_buckets(min(c.min_block_bucket, c.max_blocks_per_seq),
+                                            c.max_blocks_per_seq),
+            c.max_blocks_per_seq, "block_buckets")
+        self._sample = _sampler(sample_fn or sampling.sample)
         self._shapes: set[tuple] = set()
         self._lock = threading.Lock()
         self.num_compilations = 0
@@ -174,7 +170,7 @@ class ModelRunner:
             positions=np.full((b, t), -1, np.int32),
             block_tables=np.zeros((b, p), np.int32),
             logits_at=np.zeros((b,), np.int32),
-            seeds=np.zeros((b, 2), np.uint32),
+            seeds=np.zeros((b,), np.uint32),
             counters=np.zeros((b,), np.int32),
             temperature=np.zeros((b,), np.float32),
             top_p=np.ones((b,), np.float32),
@@ -194,7 +190,7 @@ class ModelRunner:
             if c.sample:
                 p = req.params
                 batch.request_ids[i] = req.request_id
-                batch.seeds[i] = (req.seed & 0xFFFFFFFF, (req.seed >> 32) & 0xFFFFFFFF)
+                batch.seeds[i] = seed32(req.seed)
                 batch.counters[i] = req.num_output_tokens
                 batch.temperature[i] = p.temperature
                 batch.top_p[i] = p.top_p
@@ -234,16 +230,19 @@ class ModelRunner:
 
     # ---- warm-up ----
     def warmup_shapes(self, level: str) -> list[tuple[int, int, int]]:
-        """Shapes ``(B, T, P)`` compiled before serving: ``none``, ``minimal`` (smallest decode
-        and prefill), or ``all`` decode and prefill-length buckets at the smallest ``P``."""
+        """Shapes ``(B, T, P)`` compiled before serving, all at the smallest ``P``: ``none``;
+        ``minimal`` (the smallest decode and prefill shapes); ``all`` (every decode bucket and
+        every prefill batch x length bucket)."""
         p = self.block_buckets[0]
         if level == "none":
             return []
         if level == "minimal":
-            return [(1, 1, p), (1, self.prefill_len_buckets[0], p)]
+            return [(self.decode_buckets[0], 1, p),
+                    (self.prefill_batch_buckets[0], self.prefill_len_buckets[0], p)]
         if level == "all":
             return ([(b, 1, p) for b in self.decode_buckets]
-                    + [(1, t, p) for t in self.prefill_len_buckets])
+                    + [(b, t, p) for b in self.prefill_batch_buckets
+                       for t in self.prefill_len_buckets])
         raise ValueError(f"warmup level {level!r} is not one of none/minimal/all")
 
     def warmup(self, level: str = "minimal") -> None:
