@@ -297,6 +297,7 @@ def main(argv=None) -> int:
             old = json.loads(path.read_text()) if path.exists() else {"configs": {}}
             old["configs"].update(table)
             old["meta"] = meta
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
             config_lib._tuned_table.cache_clear()
             continue

@@ -15,7 +15,7 @@ shuffle), a codec returns ``P`` *planes* of ``[bk/P, bn]``: plane ``t`` holds K 
 
 * WINT2: ``u`` (byte, 0..255) -> ``float(u)`` via the magic-number trick
   ``bitcast(0x4B000000 | u) - 2^23`` (exact, no int->float conversion instruction);
-  ``c = floor(u * cs + zp + 0.5)`` in fp32 (the multiply-add contracts to one FFMA on the GPU);
+  ``c = floor(fma(u, cs, zp) + 0.5)`` in fp32 (an explicit ``fma.rn.f32`` on the GPU);
   ``c + 2^23`` is exact, so its bits are ``0x4B000000 | code`` and each 6-bit window
   ``(bits >> s) & 63`` is read off them directly; ``q = bitcast(0x4B000000 | w) - (2^23 + 32)``
   exactly; ``W = bf16(q * (nib * super_scale))`` — the product is exact in fp32, so the cast is
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from .wint2 import GROUP_SIZE
 
@@ -87,7 +88,7 @@ class Codec:
 
     # -- per K block: decode into P planes of [bk/P, bn] ---------------------------------------
     def planes_of(self, refs: Sequence[Any], consts: Any, g, kb, bk: int, n0, bn: int,
-                  dtype) -> list[jax.Array]:
+                  dtype, *, ptx_fma: bool = False) -> list[jax.Array]:
         rows = bk // self.planes
         cols = pl.ds(n0, bn)
         if self.fmt == "bf16":
@@ -98,7 +99,7 @@ class Codec:
         if self.fmt == "wint4":
             b = refs[0][g, pl.ds(kb * rows, rows), cols].astype(jnp.int32)  # [bk/2, bn]
             return [_nibble_to_float(b, 4 * t).astype(dtype) for t in range(2)]
-        return _wint2_planes(refs, consts, g, kb, bk, cols, bn, dtype)
+        return _wint2_planes(refs, consts, g, kb, bk, cols, bn, dtype, ptx_fma)
 
 
 def _nibble_to_float(b: jax.Array, shift: int) -> jax.Array:
@@ -106,13 +107,31 @@ def _nibble_to_float(b: jax.Array, shift: int) -> jax.Array:
     return _as_f32(((b >> shift) & 0xF) | _MAGIC_I) - (_MAGIC_F + 8.0)
 
 
-def _wint2_planes(refs, consts, g, kb, bk: int, cols, bn: int, dtype) -> list[jax.Array]:
+def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, ptx: bool) -> jax.Array:
+    """``a * b + c`` with one rounding: PTX ``fma.rn.f32`` in a compiled GPU kernel.
+
+    Triton as driven by Pallas does not reliably contract ``a * b + c`` (seen on the H100 with
+    jax 0.11.2: 2 of 32768 decoded weights off), so the GPU kernel states the FMA explicitly.
+    Interpret mode (``ptx=False``) evaluates the jnp expression, which XLA's CPU backend
+    contracts; ``checks.check_wint2_decode_exact`` verifies both against the exact decode.
+    """
+    if not ptx:
+        return a * b + c
+    b, c = jnp.broadcast_to(b, a.shape), jnp.broadcast_to(c, a.shape)
+    [out] = plgpu.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    return out
+
+
+def _wint2_planes(refs, consts, g, kb, bk: int, cols, bn: int, dtype,
+                  ptx_fma: bool) -> list[jax.Array]:
     qw_ref, ws_ref, *_ = refs
     ss, cs, zp = consts  # [1, bn] f32 each
     rows = bk // 4
     u = qw_ref[g, pl.ds(kb * rows, rows), cols].astype(jnp.int32)  # [bk/4, bn] bytes
     uf = _as_f32(u | _MAGIC_I) - _MAGIC_F  # float(u), exact
-    code = jnp.floor(uf * cs + zp + 0.5)  # fused multiply-add on the GPU
+    code = jnp.floor(fma_f32(uf, cs, zp, ptx=ptx_fma) + 0.5)  # one rounding, then + 0.5
     bits = _as_i32(code + _MAGIC_F)  # 0x4B000000 | code
 
     # Group scales: plane row p of this block is K row k0 + 4p + t, in group (k0 + 4p) // 64,

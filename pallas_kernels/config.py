@@ -125,14 +125,15 @@ def _largest_pow2_divisor(v: int) -> int:
 
 def get_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
                num_groups: int = 1) -> TuningConfig:
-    """The tuned config of the nearest tuned row bucket (within 4x), else the heuristic."""
+    """The tuned config of the nearest tuned row bucket (within 4x; ties: the larger), else
+    the heuristic."""
     want = TunedKey(fmt, activation or "none", num_groups, k, n_out, rows_bucket(m))
     best, best_dist = None, 3
     for key, cfg in _tuned_table(device_key()).items():
         *head, rows = key.split("|")
         if head == [str(v) for v in want[:-1]]:
             dist = abs(int(rows).bit_length() - want.rows.bit_length())
-            if dist < best_dist:
+            if dist < best_dist or (dist == best_dist and int(rows) > want.rows):
                 best, best_dist = cfg, dist
     if best is not None:
         return best

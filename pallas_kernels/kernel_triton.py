@@ -58,7 +58,8 @@ def _silu(v: jax.Array) -> jax.Array:
 
 
 def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups: int, k: int,
-            n_half: int | None, has_row_scale: bool, cfg: TuningConfig, compute_dtype):
+            n_half: int | None, has_row_scale: bool, cfg: TuningConfig, compute_dtype,
+            interpret: bool):
     codec = CODECS[fmt]
     nw = len(codec.leaves)
     w_refs = refs[:nw]
@@ -94,7 +95,8 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
         def body(kb, accs):
             new = []
             for c, cst, acc in zip(col_offsets, consts, accs, strict=True):
-                planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, compute_dtype)
+                planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, compute_dtype,
+                                         ptx_fma=not interpret)
                 if cfg.mode == "mma_merged":  # one dot of depth bk on natural-order K
                     pairs = [(x_slice(kb * bk, bk), interleave_planes(planes))]
                 else:  # one dot of depth bk/P per plane, x columns plane-permuted
@@ -124,7 +126,8 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
         def body(kb, accs):
             new = []
             for c, cst, acc_rows in zip(col_offsets, consts, accs, strict=True):
-                planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, jnp.float32)
+                planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, jnp.float32,
+                                         ptx_fma=not interpret)
                 acc_rows = list(acc_rows)
                 for r in range(bm):
                     for p, w in enumerate(planes):
@@ -190,7 +193,8 @@ def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...], tiles: t
     compute_dtype = jnp.float32 if x_planes.dtype == jnp.float32 else jnp.bfloat16
     kernel = functools.partial(
         _kernel, fmt=fmt, num_groups=e, k=k, n_half=n_out if activation == "swiglu" else None,
-        has_row_scale=row_scale is not None, cfg=cfg, compute_dtype=compute_dtype)
+        has_row_scale=row_scale is not None, cfg=cfg, compute_dtype=compute_dtype,
+        interpret=interpret)
     args = (*tiles, x_planes, *weights, *(() if row_scale is None else (row_scale,)))
     return pl.pallas_call(
         kernel,
