@@ -210,10 +210,14 @@ def _global(mesh: Mesh, spec: P, shards: list[jax.Array]) -> jax.Array:
 def _stack(mesh: Mesh, spec: dict, layers: list[dict]) -> dict:
     """Per-layer global arrays -> one array per leaf with a leading (unsharded) layer axis: one
     SPMD program per run of layers, so every rank stacks its own slices on its own device."""
-    out = {p: NamedSharding(mesh, P(None, *s)) for p, s in spec.items()}
-    stack = jax.jit(lambda ls: {p: jnp.stack([lay[p] for lay in ls]) for p in out},
-                    out_shardings=out)
-    return stack(layers)
+    return _stack_program(mesh, tuple(spec.items()))(layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _stack_program(mesh: Mesh, spec: tuple) -> Callable:
+    out = {p: NamedSharding(mesh, P(None, *s)) for p, s in spec}
+    return jax.jit(lambda ls: {p: jnp.stack([lay[p] for lay in ls]) for p in out},
+                   out_shardings=out)
 
 
 def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh) -> Tree:
