@@ -42,6 +42,12 @@ from .encode_gptq import gptq_assign
 BYTES_PER_GROUP = GROUP_SIZE // 4
 SCALE_INIT = 0.06
 """Group scale / group RMS that fits a unit Gaussian best (``encode_codebooks`` search)."""
+EFFORT: dict[str, dict[str, int]] = {
+    "fast": dict(n_candidates=4, select_groups=8, select_rounds=2, rounds=3),
+    "default": dict(n_candidates=16, select_groups=64, select_rounds=3, rounds=4),
+    "best": dict(n_candidates=48, select_groups=128, select_rounds=3, rounds=6),
+}
+"""Search presets: ``fast`` for CPU tests and previews, ``default`` on accelerators."""
 SUPER_SCALE_GRID = np.linspace(0.70, 1.30, 25, dtype=np.float32)
 """Super-scale candidates, as multiples of ``max(group scale) / 15``."""
 
@@ -130,8 +136,6 @@ def _select_codebook(x, s0, qc, select_groups: int, rounds: int):
     return jnp.argmin(errs, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("rounds", "select_groups", "select_rounds",
-                                             "n_candidates"))
 def encode_chunk(w: jax.Array, hessian_chol: jax.Array | None = None, *, rounds: int = 4,
                  select_groups: int = 64, select_rounds: int = 3,
                  n_candidates: int | None = 16) -> dict[str, jax.Array]:
@@ -178,15 +182,35 @@ def default_chunk(k: int, budget_bytes: int | None = None) -> int:
 
 
 def encode_device(w: jax.Array, hessian_chol: jax.Array | None = None, *,
-                  chunk: int | None = None, **options: Any) -> dict[str, jax.Array]:
-    """:func:`encode_chunk` over column chunks (padded with zero columns), on the device."""
+                  chunk: int | None = None, effort: str = "default",
+                  **options: Any) -> dict[str, jax.Array]:
+    """:func:`encode_chunk` over column chunks, on the default device (one compiled call).
+
+    ``effort`` names an :data:`EFFORT` preset; explicit ``options`` override it.
+    """
+    if effort not in EFFORT:
+        raise ValueError(f"effort must be one of {sorted(EFFORT)}, got {effort!r}")
+    options = {**EFFORT[effort], **options}
     k, n = w.shape
     chunk = min(chunk or default_chunk(k), n)
-    n_pad = -(-n // chunk) * chunk
-    w = jnp.pad(jnp.asarray(w), ((0, 0), (0, n_pad - n)))
-    parts = [encode_chunk(w[:, i:i + chunk], hessian_chol, **options)
-             for i in range(0, n_pad, chunk)]
-    return {key: jnp.concatenate([p[key] for p in parts], axis=-1)[..., :n] for key in parts[0]}
+    return _encode_chunked(jnp.asarray(w), hessian_chol, chunk=chunk, **options)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "rounds", "select_groups",
+                                             "select_rounds", "n_candidates"))
+def _encode_chunked(w, hessian_chol, *, chunk: int, **options):
+    """Pad ``w`` to whole chunks of zero columns, ``lax.map`` the chunks, drop the padding."""
+    k, n = w.shape
+    n_chunks = -(-n // chunk)
+    w = jnp.pad(w, ((0, 0), (0, n_chunks * chunk - n)))
+    w = w.reshape(k, n_chunks, chunk).transpose(1, 0, 2)  # [chunks, K, chunk]
+    out = jax.lax.map(lambda wc: encode_chunk(wc, hessian_chol, **options), w)
+
+    def unchunk(v):  # [chunks, ..., chunk] -> [..., n]
+        v = jnp.moveaxis(v, 0, -2)
+        return v.reshape(*v.shape[:-2], n_chunks * chunk)[..., :n]
+
+    return {key: unchunk(v) for key, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +233,8 @@ def pack_checkpoint(enc: dict[str, jax.Array]) -> dict[str, np.ndarray]:
 
 
 def encode_wint2(w, *, group_size: int = GROUP_SIZE, k_order: KOrder = "natural",
-                 hessian=None, damp: float = 0.01, chunk: int | None = None,
-                 **options: Any) -> dict[str, np.ndarray]:
+                 hessian=None, damp: float = 0.01, effort: str = "default",
+                 chunk: int | None = None, **options: Any) -> dict[str, np.ndarray]:
     """Encode a weight ``[K, N]`` into FastDeploy's WINT2 tensors (checkpoint layout).
 
     Args:
@@ -221,6 +245,7 @@ def encode_wint2(w, *, group_size: int = GROUP_SIZE, k_order: KOrder = "natural"
       hessian: optional calibration Hessian ``X^T X`` ``[K, K]`` (true K order); when given, bytes
         are chosen with GPTQ-style error feedback to minimise ``||X (W - W_hat)||``.
       damp: Hessian damping, a fraction of its mean diagonal.
+      effort: search preset (:data:`EFFORT`): ``"fast"``, ``"default"`` or ``"best"``.
       chunk: columns encoded per device call (default: by K, see :func:`default_chunk`).
       **options: ``rounds``, ``select_groups``, ``select_rounds``, ``n_candidates`` of
         :func:`encode_chunk`.
@@ -249,4 +274,4 @@ def encode_wint2(w, *, group_size: int = GROUP_SIZE, k_order: KOrder = "natural"
         chol = inverse_hessian_factor(h, damp)
     if k_order == "shuffled":
         w = unshuffle_k(w, axis=0)  # the bytes hold rows in decode (natural) order
-    return pack_checkpoint(encode_device(w, chol, chunk=chunk, **options))
+    return pack_checkpoint(encode_device(w, chol, chunk=chunk, effort=effort, **options))
