@@ -31,3 +31,4 @@ from .weight_only import unpack_weight_only as unpack_weight_only
 
 # ---- WINT2 (CCQ) encoder and checkpoint quantizer ----
 from .encode_wint2 import encode_wint2 as encode_wint2
+from .quantize_checkpoint import quantize_checkpoint as quantize_checkpoint
