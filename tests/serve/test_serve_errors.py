@@ -116,3 +116,20 @@ def test_health_is_503_until_the_loader_finishes():
             threading.Event().wait(0.05)
         assert_healthy(srv.url)
         srv.server.should_exit = True   # lifespan shuts the loaded engine down
+
+
+def test_non_streaming_disconnect_aborts(make_mock_server):
+    with make_mock_server(max_model_len=1024) as s:
+        body = {"prompt": "long", "max_tokens": 1000, "temperature": 0}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(s.url + "/v1/completions", json=body, timeout=0.3)
+        for _ in range(200):
+            stats = s.engine.stats()
+            if stats.num_running == 0 and stats.num_used_blocks == 0:
+                break
+            threading.Event().wait(0.02)
+        assert stats.num_running == 0 and stats.num_used_blocks == 0
+        # it was aborted, not run to its 1000 tokens
+        text = httpx.get(s.url + "/metrics").text
+        assert 'jaxwint2_request_success_total{finished_reason="abort"} 1.0' in text
+        assert_healthy(s.url)
