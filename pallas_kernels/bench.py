@@ -47,7 +47,7 @@ L2_BYTES = 50 * 2**20
 # ---------------------------------------------------------------------------------------------
 
 
-def time_instances(fn, instances, *, reps: int = 7) -> float:
+def time_instances(fn, instances, *, reps: int = 5) -> float:
     """Median seconds per call of ``fn(*inst)``, running all ``instances`` in one jitted program."""
     run = jax.jit(lambda insts: [fn(*a) for a in insts])
     jax.block_until_ready(run(instances))
@@ -82,20 +82,21 @@ def ffn_pallas(x, w_up, w_down, gs, rw, *, fmt, impl="pallas"):
 def ffn_static(x, w_up, w_down, rw, *, fmt, sizes):
     """XLA per-expert matmuls over the active experts (``sizes``: rows of each, known statically).
 
-    ``w_*`` hold only the active experts, in order; non-bf16 formats are decoded by the jnp
-    reference first (the naive path).
+    ``w_up`` / ``w_down`` are lists with one ``<linear>`` dict per active expert (separate
+    buffers, so no slicing copies); non-bf16 formats are decoded by the jnp reference first
+    (the naive path).
     """
     outs, start = [], 0
-    for i, s in enumerate(sizes):
-        wu = reference.dequantize({k: v[i] for k, v in w_up.items()}, fmt)
-        wd = reference.dequantize({k: v[i] for k, v in w_down.items()}, fmt)
+    for s, wu_leaves, wd_leaves in zip(sizes, w_up, w_down, strict=True):
+        wu = reference.dequantize(wu_leaves, fmt)
+        wd = reference.dequantize(wd_leaves, fmt)
         hx = jnp.dot(x[start:start + s], wu, preferred_element_type=jnp.float32)
         h = reference.apply_epilogue(hx, "swiglu", None).astype(x.dtype)
         y = jnp.dot(h, wd, preferred_element_type=jnp.float32)
         outs.append(reference.apply_epilogue(y, None, rw[start:start + s]).astype(x.dtype))
         start += s
     if start < x.shape[0]:
-        outs.append(jnp.zeros((x.shape[0] - start, wd.shape[-1]), x.dtype))
+        outs.append(jnp.zeros((x.shape[0] - start, outs[-1].shape[-1]), x.dtype))
     return jnp.concatenate(outs)
 
 
@@ -163,7 +164,10 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
         insts = [(xs[i], w_up, w_down, jnp.asarray(np.roll(gs, shifts[i])), rw) for i in range(r)]
         y = jax.jit(fn)(*insts[0])
         ref = jax.jit(functools.partial(ffn_pallas, fmt=fmt, impl="xla"))(*insts[0])
-        assert_close(y, ref, context=f"{s.name} {fmt} ffn tokens={tokens} {routing}")
+        # Two chained bf16 roundings (h, then y): a one-ulp difference in h moves y, so the
+        # FFN is held to rel-L2 and 97% elementwise; each op alone is checked tighter (checks).
+        assert_close(y, ref, rel_l2=1e-2, min_frac_close=0.97,
+                     context=f"{s.name} {fmt} ffn tokens={tokens} {routing}")
         record("pallas", fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
 
     if baselines:
@@ -175,7 +179,7 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
             insts = []
             for i in range(max(1, min(ri, r))):
                 sel = (act_ids + shifts[i]) % s.experts
-                take = lambda t: {k: v[sel] for k, v in t.items()}  # noqa: E731
+                take = lambda t: [{k: v[e] for k, v in t.items()} for e in sel]  # noqa: E731
                 insts.append((xs[i], take(w_up), take(w_down), rw))
             record(impl, fmt, time_instances(fn, insts), nb)
             del insts
@@ -187,30 +191,28 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
 # ---------------------------------------------------------------------------------------------
 
 
-def _candidates(rows: int, experts: int):
+def _candidates(fmt: str, rows: int, experts: int):
     """Configs worth timing for ``rows`` activation rows over ``experts`` experts."""
     T = config_lib.TuningConfig  # noqa: N806
+    gs = "mma_gs" if fmt == "wint2" else "mma"
     per = -(-rows // min(rows, experts))  # rows of an expert under uniform routing
     if per <= 16:
-        yield from (T(block_m=16, block_n=bn, block_k=bk, num_warps=nw)
-                    for bn, bk, nw in ((32, 256, 4), (32, 128, 4), (16, 256, 4), (16, 512, 4),
-                                       (64, 128, 4), (32, 256, 8), (64, 256, 8)))
+        table = [(16, 32, 128, 4, "mma"), (16, 32, 256, 4, "mma"), (16, 64, 128, 4, "mma"),
+                 (16, 16, 256, 4, "mma"), (16, 32, 128, 4, gs), (16, 64, 128, 4, gs),
+                 (16, 32, 256, 4, gs), (16, 64, 256, 8, gs)]
         if per <= 2:
-            yield from (T(block_m=per, block_n=bn, block_k=bk, num_warps=nw, mode="fma")
-                        for bn, bk, nw in ((64, 256, 8), (128, 128, 4), (32, 256, 4)))
+            table += [(per, 32, 256, 4, "fma"), (per, 64, 256, 8, "fma")]
     elif per <= 64:
-        yield from (T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode)
-                    for bm, bn, bk, nw, mode in ((16, 32, 256, 4, "mma"), (32, 64, 128, 4, "mma"),
-                                                 (32, 32, 256, 4, "mma"), (64, 64, 128, 4, "mma"),
-                                                 (32, 64, 128, 4, "mma_merged")))
+        table = [(16, 64, 128, 4, "mma"), (32, 64, 128, 4, "mma"), (32, 32, 256, 4, "mma"),
+                 (32, 64, 128, 4, gs), (16, 64, 128, 4, gs), (64, 64, 128, 4, "mma")]
     else:
-        yield from (T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode)
-                    for bm, bn, bk, nw, mode in ((64, 64, 128, 4, "mma"),
-                                                 (64, 64, 128, 4, "mma_merged"),
-                                                 (128, 64, 128, 8, "mma"),
-                                                 (64, 128, 128, 8, "mma"),
-                                                 (128, 128, 128, 8, "mma_merged"),
-                                                 (128, 64, 128, 8, "mma_merged")))
+        table = [(64, 64, 128, 4, "mma"), (64, 64, 128, 4, gs), (128, 64, 128, 8, "mma"),
+                 (128, 64, 128, 8, gs), (64, 128, 128, 8, "mma"), (128, 128, 128, 8, gs)]
+    seen = set()
+    for bm, bn, bk, nw, mode in table:
+        if (bm, bn, bk, nw, mode) not in seen:
+            seen.add((bm, bn, bk, nw, mode))
+            yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode)
 
 
 def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
@@ -228,7 +230,7 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
                 rows = tokens * s.top_k
                 x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
                 results = []
-                for cfg in _candidates(rows, s.experts):
+                for cfg in _candidates(fmt, rows, s.experts):
                     fn = functools.partial(kernels.quant_grouped_matmul, interpret=False,
                                            fmt=fmt, activation=act, config=cfg)
                     try:

@@ -167,3 +167,28 @@ def plane_permutation(k: int, bk: int, planes: int) -> np.ndarray:
     """
     idx = np.arange(k, dtype=np.int32).reshape(k // bk, bk // planes, planes)
     return idx.swapaxes(-1, -2).reshape(k)
+
+
+def wint2_group(refs, consts, g, kb, bk: int, j: int, n0, bn: int, dtype, *,
+                ptx_fma: bool) -> tuple[list[jax.Array], jax.Array]:
+    """WINT2 64-row group ``j`` of K block ``kb``, scale left out: ``(4 planes [16, bn], S)``.
+
+    Plane t holds the exact integers ``q`` (-32..31, exact in bf16) of K rows
+    ``k0 + 64j + 4p + t``; ``S = nib * super_scale`` ``[1, bn]`` fp32 is applied by the caller
+    to the fp32 partial product of the group (``kernel mode "mma_gs"``): per weight this drops
+    the scale gather, the multiply and the f32 -> bf16 rounding. The result differs from the
+    reference's ``bf16(q * S)`` per weight by that rounding only (exact for a one-hot row once
+    the output is rounded to bf16).
+    """
+    qw_ref, ws_ref, *_ = refs
+    ss, cs, zp = consts
+    per = GROUP_SIZE // 4  # 16 byte rows per group
+    cols = pl.ds(n0, bn)
+    u = qw_ref[g, pl.ds(kb * (bk // 4) + j * per, per), cols].astype(jnp.int32)  # [16, bn]
+    uf = _as_f32(u | _MAGIC_I) - _MAGIC_F
+    bits = _as_i32(jnp.floor(fma_f32(uf, cs, zp, ptx=ptx_fma) + 0.5) + _MAGIC_F)
+    sb = ws_ref[g, pl.ds(kb * (bk // (2 * GROUP_SIZE)) + j // 2, 1), cols].astype(jnp.int32)
+    nib = (sb >> (4 if j % 2 == 0 else 0)) & 0xF  # [1, bn]
+    planes = [(_as_f32(((bits >> s) & 0x3F) | _MAGIC_I) - (_MAGIC_F + 32.0)).astype(dtype)
+              for s in _WINT2_SHIFTS]
+    return planes, nib.astype(jnp.float32) * ss

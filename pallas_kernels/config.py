@@ -34,7 +34,9 @@ class TuningConfig:
       num_stages: software-pipelining depth of the K loop.
       mode: ``"mma"`` (one tensor-core dot per decoded plane, x columns plane-permuted),
         ``"mma_merged"`` (planes interleaved back to natural K order, one dot per K block) or
-        ``"fma"`` (GEMV-style CUDA-core FMAs for tiles of at most 8 rows).
+        ``"mma_gs"`` (WINT2 only: per 64-row group, dots of the raw integers, the group scale
+        applied to the fp32 partial product) or ``"fma"`` (GEMV-style CUDA-core FMAs for tiles
+        of at most 8 rows).
     """
 
     block_m: int = 16
@@ -49,8 +51,9 @@ class TuningConfig:
             v = getattr(self, f)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{f}={v} must be a positive power of two")
-        if self.mode not in ("mma", "mma_merged", "fma"):
-            raise ValueError(f"mode={self.mode!r} must be 'mma', 'mma_merged' or 'fma'")
+        if self.mode not in ("mma", "mma_merged", "mma_gs", "fma"):
+            raise ValueError(f"mode={self.mode!r} must be 'mma', 'mma_merged', 'mma_gs' or "
+                             "'fma'")
         if self.mode == "fma" and self.block_m > 8:
             raise ValueError(f"mode='fma' takes block_m <= 8, got {self.block_m}")
         if self.mode != "fma" and self.block_m < 16:

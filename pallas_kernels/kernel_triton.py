@@ -44,8 +44,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .codecs import CODECS
+from .codecs import CODECS, wint2_group
 from .config import TuningConfig
+from .wint2 import GROUP_SIZE
 
 # jax 0.11 deprecates the Triton lowering (see the module docstring for why it is used here);
 # the warning fires at every compile of a caller's jit and says nothing actionable to them.
@@ -95,6 +96,19 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
         def body(kb, accs):
             new = []
             for c, cst, acc in zip(col_offsets, consts, accs, strict=True):
+                if cfg.mode == "mma_gs":  # per 64-row group: 4 dots of depth 16, then * S
+                    for jg in range(bk // GROUP_SIZE):
+                        qs, scale = wint2_group(w_refs, cst, g, kb, bk, jg, c, bn,
+                                                compute_dtype, ptx_fma=not interpret)
+                        part = jnp.zeros((bm, bn), jnp.float32)
+                        for p, q in enumerate(qs):
+                            xs = x_slice(kb * bk + p * (bk // P) + jg * (GROUP_SIZE // P),
+                                         GROUP_SIZE // P)
+                            part = part + jnp.dot(xs, q, preferred_element_type=jnp.float32,
+                                                  precision=_precision(compute_dtype))
+                        acc = acc + part * scale
+                    new.append(acc)
+                    continue
                 planes = codec.planes_of(w_refs, cst, g, kb, bk, c, bn, compute_dtype,
                                          ptx_fma=not interpret)
                 if cfg.mode == "mma_merged":  # one dot of depth bk on natural-order K

@@ -126,6 +126,7 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
     cfg = config or config_lib.get_config(fmt, m, x.shape[-1], n_out, activation=activation,
                                           num_groups=e)
     m, k, n_out = _validate(x, w, fmt, k_order, activation, row_scale, cfg)
+    _check(cfg.mode != "mma_gs" or fmt == "wint2", f"mode='mma_gs' is for wint2, not {fmt=}")
     if grouped:
         _check(group_sizes.shape == (e,), f"group_sizes must be [E]=({e},), got "
                f"{group_sizes.shape}")
