@@ -303,8 +303,8 @@ def main(argv=None) -> int:
             path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
             config_lib._tuned_table.cache_clear()
             continue
-        for routing in a.routings.split(","):
-            for t in tokens:
+        for t in tokens:
+            for routing in a.routings.split(","):
                 results += bench_row(case, t, routing, ceil, baselines=not a.no_baselines)
         del case
     if a.out:
