@@ -121,12 +121,12 @@ def sample(dist: str, k: int, n: int, seed: int = 0) -> np.ndarray:
     raise ValueError(f"unknown distribution {dist!r}")
 
 
-def quality(k: int, n: int, seed: int = 0) -> list[dict]:
+def quality(k: int, n: int, seed: int = 0, effort: str = "default") -> list[dict]:
     rows = []
     for dist in ("gaussian", "student_t5"):
         w = sample(dist, k, n, seed)
-        enc = encode_wint2(w)
-        rows.append({"bench": "quality", "dist": dist, "shape": [k, n],
+        enc = encode_wint2(w, effort=effort)
+        rows.append({"bench": "quality", "dist": dist, "shape": [k, n], "effort": effort,
                      "wint2_ccq": relative_error(w, np.asarray(dequantize_wint2(**enc),
                                                                np.float32)),
                      "rtn_sym4_same_scales": relative_error(w, rtn_symmetric_4level(w)),
@@ -137,20 +137,21 @@ def quality(k: int, n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def speed(k: int, n: int, repeats: int = 3, seed: int = 0) -> dict:
+def speed(k: int, n: int, repeats: int = 3, seed: int = 0, effort: str = "default") -> dict:
     w = jax.device_put(jnp.asarray(sample("gaussian", k, n, seed), jnp.bfloat16))
     t0 = time.perf_counter()
-    jax.block_until_ready(encode_device(w))  # compile + warm-up
+    jax.block_until_ready(encode_device(w, effort=effort))  # compile + warm-up
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(encode_device(w))
+        out = jax.block_until_ready(encode_device(w, effort=effort))
         times.append(time.perf_counter() - t0)
     packed = pack_checkpoint(out)
     err = relative_error(np.asarray(w, np.float32),
                          np.asarray(dequantize_wint2(**packed), np.float32))
-    return {"bench": "speed", "shape": [k, n], "device": str(jax.devices()[0].device_kind),
+    return {"bench": "speed", "shape": [k, n], "effort": effort,
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "seconds_median": float(np.median(times)), "seconds_all": times,
             "seconds_first_call_incl_compile": first, "relative_error": err}
 
@@ -159,14 +160,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="WINT2 encoder quality/speed benchmark (JSON lines)")
     p.add_argument("--quality-shape", type=int, nargs=2, default=(4096, 4096))
     p.add_argument("--speed-shape", type=int, nargs=2, default=(8192, 7168))
+    p.add_argument("--speed-efforts", nargs="+", default=["default"],
+                   choices=("fast", "default", "best"))
+    p.add_argument("--quality-efforts", nargs="+", default=["default"],
+                   choices=("fast", "default", "best"))
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     a = p.parse_args(argv)
     if not a.skip_speed:
-        print(json.dumps(speed(*a.speed_shape)), flush=True)
+        for effort in a.speed_efforts:
+            print(json.dumps(speed(*a.speed_shape, effort=effort)), flush=True)
     if not a.skip_quality:
-        for row in quality(*a.quality_shape):
-            print(json.dumps(row), flush=True)
+        for effort in a.quality_efforts:
+            for row in quality(*a.quality_shape, effort=effort):
+                print(json.dumps(row), flush=True)
     return 0
 
 
