@@ -29,8 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineClient
 from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse,
-                       ModelCard, ModelList)
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from .serving_base import ServingError
 from .serving_chat import OpenAIServingChat
 from .serving_completions import OpenAIServingCompletion
@@ -111,7 +117,7 @@ def create_app(engine: EngineClient | None = None, tokenizer=None, *, model_name
 
     Example:
       >>> app = create_app(Engine(MockModel(), ByteTokenizer()).start(), ByteTokenizer())
-      >>> uvicorn.run(app, host="127.0.0.1", port=8180)                       # doctest: +SKIP
+      >>> uvicorn.run(app, host="127.0.0.1", port=8180)
     """
     if (engine is None) == (loader is None):
         raise ValueError("pass exactly one of engine or loader")
@@ -157,9 +163,9 @@ def create_app(engine: EngineClient | None = None, tokenizer=None, *, model_name
             engine.observer = metrics
         _install(app, engine, tokenizer, model_name)
     app.add_middleware(_CountRequests, metrics=metrics)
-    bearer = HTTPBearer(auto_error=False)
+    bearer = Depends(HTTPBearer(auto_error=False))
 
-    def check_key(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def check_key(cred: HTTPAuthorizationCredentials | None = bearer) -> None:
         if api_key is None:
             return
         if cred is None or not secrets.compare_digest(cred.credentials.encode(),

@@ -91,9 +91,10 @@ def summarize(timings: list[RequestTiming], wall: float, concurrency: int,
 
 
 COLUMNS = [("concurrency", "conc"), ("requests", "reqs"), ("ttft_ms_p50", "TTFT p50 ms"),
-           ("ttft_ms_p90", "TTFT p90 ms"), ("itl_ms_p50", "ITL p50 ms"), ("itl_ms_p90", "ITL p90 ms"),
-           ("itl_ms_p99", "ITL p99 ms"), ("output_tok_s", "out tok/s"), ("total_tok_s", "total tok/s"),
-           ("req_s", "req/s"), ("new_compilations", "new compiles")]
+           ("ttft_ms_p90", "TTFT p90 ms"), ("itl_ms_p50", "ITL p50 ms"),
+           ("itl_ms_p90", "ITL p90 ms"), ("itl_ms_p99", "ITL p99 ms"),
+           ("output_tok_s", "out tok/s"), ("total_tok_s", "total tok/s"), ("req_s", "req/s"),
+           ("new_compilations", "new compiles")]
 
 
 def table(rows: list[dict]) -> str:

@@ -40,8 +40,8 @@ class BlockManager:
 
     Example:
       >>> bm = BlockManager(num_blocks=8, block_size=4)
-      >>> r = Request("a", [1, 2, 3, 4, 5], params, seed=0, stop_ids=frozenset())  # doctest: +SKIP
-      >>> bm.acquire_prefix(r); bm.allocate_slots(r, r.num_tokens_to_compute)     # doctest: +SKIP
+      >>> r = Request("a", [1, 2, 3, 4, 5], params, seed=0, stop_ids=frozenset())
+      >>> bm.acquire_prefix(r); bm.allocate_slots(r, r.num_tokens_to_compute)
     """
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
@@ -144,7 +144,7 @@ class BlockManager:
 
     # ---- allocation ----
     def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
-        """Make room for ``num_new_tokens`` more tokens of ``req``; False (and no change) if full."""
+        """Make room for ``num_new_tokens`` more tokens of ``req``; False (no change) if full."""
         need = self.blocks_needed(req, num_new_tokens)
         if need > len(self._free):
             return False

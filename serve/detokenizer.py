@@ -20,8 +20,8 @@ class IncrementalDetokenizer:
     """Per-request text state.
 
     Example:
-      >>> d = IncrementalDetokenizer(tok, prompt_ids=[...], stop=("\\n\\n",))   # doctest: +SKIP
-      >>> stopped = d.add(token_id); d.delta()                                # doctest: +SKIP
+      >>> d = IncrementalDetokenizer(tok, prompt_ids=[...], stop=("\\n\\n",))
+      >>> stopped = d.add(token_id); d.delta()
     """
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], *, stop: Sequence[str] = (),

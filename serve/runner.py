@@ -1,4 +1,4 @@
-"""The device side of the engine: scheduled chunks -> bucketed arrays -> ``model.step_jit`` -> tokens.
+"""The engine's device side: scheduled chunks -> bucketed arrays -> ``model.step_jit`` -> tokens.
 
 Owns the paged KV cache array (created by ``model.init_cache``), the shape buckets and the
 sampling call. Each step runs at most two model calls, each with a shape taken from a fixed set
@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxwint2 import sampling
 
 from .scheduler import ScheduledChunk
@@ -119,8 +120,8 @@ class ModelRunner:
 
     Example:
       >>> runner = ModelRunner(model, RunnerConfig(num_blocks=256, block_size=16, max_num_seqs=8,
-      ...     max_prefill_seqs=4, max_prefill_chunk=64, max_blocks_per_seq=32))   # doctest: +SKIP
-      >>> runner.execute(sched_out.chunks)   # {request_id: token}                  # doctest: +SKIP
+      ...     max_prefill_seqs=4, max_prefill_chunk=64, max_blocks_per_seq=32))
+      >>> runner.execute(sched_out.chunks)   # {request_id: token}
     """
 
     def __init__(self, model, config: RunnerConfig, *, sample_fn: Callable | None = None):

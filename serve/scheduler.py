@@ -78,8 +78,8 @@ class Scheduler:
     """Example:
       >>> sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8,
       ...                                   max_prefill_chunk=8), BlockManager(16, 4))
-      >>> sched.add(req); out = sched.schedule()          # doctest: +SKIP
-      >>> finished = sched.update(out, sampled_tokens)    # doctest: +SKIP
+      >>> sched.add(req); out = sched.schedule()
+      >>> finished = sched.update(out, sampled_tokens)
     """
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):

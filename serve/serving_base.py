@@ -65,8 +65,8 @@ class OpenAIServing:
     """Base of the per-endpoint handlers.
 
     Example:
-      >>> serving = OpenAIServingChat(engine, tokenizer, model_name="ernie")   # doctest: +SKIP
-      >>> body_or_stream = await serving.create(request)                       # doctest: +SKIP
+      >>> serving = OpenAIServingChat(engine, tokenizer, model_name="ernie")
+      >>> body_or_stream = await serving.create(request)
     """
 
     def __init__(self, engine: EngineClient, tokenizer, model_name: str):

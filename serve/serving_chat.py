@@ -10,16 +10,22 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
-                       ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut,
-                       DeltaMessage)
+from .protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    DeltaMessage,
+)
 from .serving_base import SSE_DONE, OpenAIServing, ServingError, bad_request, finish_reason, sse
 
 
 class OpenAIServingChat(OpenAIServing):
     """Example:
-      >>> serving = OpenAIServingChat(engine, tokenizer, model_name="ernie")  # doctest: +SKIP
-      >>> resp = await serving.create(ChatCompletionRequest(messages=[...]))   # doctest: +SKIP
+      >>> serving = OpenAIServingChat(engine, tokenizer, model_name="ernie")
+      >>> resp = await serving.create(ChatCompletionRequest(messages=[...]))
     """
 
     def render(self, req: ChatCompletionRequest) -> list[int]:

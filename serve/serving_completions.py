@@ -16,8 +16,8 @@ from .serving_base import SSE_DONE, OpenAIServing, ServingError, bad_request, fi
 
 class OpenAIServingCompletion(OpenAIServing):
     """Example:
-      >>> serving = OpenAIServingCompletion(engine, tokenizer, model_name="ernie")  # doctest: +SKIP
-      >>> resp = await serving.create(CompletionRequest(prompt="Hello"))             # doctest: +SKIP
+      >>> serving = OpenAIServingCompletion(engine, tokenizer, model_name="ernie")
+      >>> resp = await serving.create(CompletionRequest(prompt="Hello"))
     """
 
     def prompt_ids(self, req: CompletionRequest) -> list[list[int]]:

@@ -111,7 +111,7 @@ class MockModel:
       >>> model = MockModel()
       >>> cache = model.init_cache(num_blocks=8, block_size=4)
       >>> logits, cache = model.step_jit(tokens, positions, block_tables, cache,
-      ...                                logits_at=idx)                      # doctest: +SKIP
+      ...                                logits_at=idx)
     """
 
     cache_dtype_bytes = 4
@@ -175,7 +175,7 @@ class LoopbackServer:
     """Run an ASGI app under uvicorn on ``127.0.0.1`` and a free port, in a thread.
 
     Example:
-      >>> with LoopbackServer(create_app(engine, tok)) as srv:             # doctest: +SKIP
+      >>> with LoopbackServer(create_app(engine, tok)) as srv:
       ...     openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
     """
 
