@@ -277,11 +277,13 @@ def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh
 # --------------------------------------------------------------------------------------------
 
 
-class TPModel:
+class TPModel(nnx.Module):
     """:class:`~jaxwint2.model.ErnieForCausalLM` over a ``("tp",)`` mesh, same API.
 
     ``model(token_ids)``, ``step``, ``step_jit`` and ``init_cache`` behave exactly as on the TP1
-    model; logits come back replicated (all-gathered over the vocab), the KV cache is sharded
+    model, and like it this is an NNX module (``nnx.split`` / ``nnx.merge`` inside a caller's
+    jit work, as :func:`jaxwint2.generate` does); logits come back replicated (all-gathered over
+    the vocab), the KV cache is sharded
     over kv heads (``[L, blocks, block_size, tp * n_kv_local, d]``: with ``n_kv < tp`` each rank
     stores its replicated head).
 
@@ -307,12 +309,17 @@ class TPModel:
         # the benchmark uses it, to measure the collectives' share of a step.
         self.module = ErnieForCausalLM(self.local_config, params, kernels=kernels, dtype=dtype,
                                        k_order=k_order, axis_name=AXIS if collectives else None)
-        graphdef, self._state = nnx.split(self.module)
+        graphdef, state = nnx.split(self.module)
         specs = jax.tree.map(
-            lambda a: a.sharding.spec if isinstance(a.sharding, NamedSharding) else P(),
-            self._state)
+            lambda a: a.sharding.spec if isinstance(a.sharding, NamedSharding) else P(), state)
         leaves, treedef = jax.tree.flatten(specs)
         self._programs = _programs(graphdef, mesh, tuple(leaves), treedef, collectives)
+
+    @property
+    def _state(self):
+        """The inner model's params: global arrays (or their tracers when this TPModel runs
+        inside a caller's jit after ``nnx.split`` / ``nnx.merge``, as in ``generate``)."""
+        return nnx.split(self.module)[1]
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -37,6 +37,7 @@ def test_tp_shards_equal_split_tp_slices(tmp_path):
     out = run_scenario("shards", tmp_path)
     assert "shards tp=8: every shard equals its split_tp slice" in out
     assert "tied TP8 fp32 forward" in out
+    assert "tied TP8 jaxwint2.generate greedy tokens identical" in out
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

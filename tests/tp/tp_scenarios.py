@@ -117,7 +117,7 @@ def _parts(cfg, params):
 
 def shards(tmp: pathlib.Path) -> None:
     """Every device holds exactly ``converters.split_tp``'s slice; the sharded KV cache; the
-    full forward with a tied head; size errors."""
+    full forward and ``jaxwint2.generate`` with a tied head; size errors."""
     import jax
     from jax.sharding import PartitionSpec as P
 
@@ -168,6 +168,15 @@ def shards(tmp: pathlib.Path) -> None:
     model = parallel.TPModel(tied, parallel.shard_params(tied, _parts(tied, tied_params), mesh),
                              mesh, kernels="reference", dtype="float32")
     compare("tied TP8 fp32 forward", np.asarray(model(PROMPTS)), want, "float32")
+    # TPModel is an NNX module: jaxwint2.generate's nnx.split / merge inside its jit works
+    from jaxwint2 import generate
+
+    prompts = [[1, 17, 300, 42], [3, 500, 9, 260, 11, 2, 7]]
+    want_gen = generate(_reference(tied, tied_params, "float32"), prompts, max_new_tokens=4,
+                        temperature=0.0)
+    got_gen = generate(model, prompts, max_new_tokens=4, temperature=0.0)
+    assert got_gen == want_gen, (got_gen, want_gen)
+    print(f"tied TP8 jaxwint2.generate greedy tokens identical: {got_gen}")
 
     for bad, msg in ((3, "split"), (16, "devices")):
         try:
