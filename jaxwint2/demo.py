@@ -49,20 +49,27 @@ def demo_config(vocab_size: int = VOCAB_SIZE) -> ErnieConfig:
 
 
 def train_tokenizer(dst: pathlib.Path) -> pathlib.Path:
-    """Train the demo SentencePiece model on the packaged corpus -> ``dst/tokenizer.model``."""
+    """Train the demo SentencePiece model on the packaged corpus -> ``dst/tokenizer.model``.
+
+    Trained in memory (``model_writer``): the file then records no path, so every build of it
+    is byte-identical.
+    """
+    import io
+
     import sentencepiece as spm
 
     corpus = importlib.resources.files("jaxwint2").joinpath("demo_corpus.txt").read_text()
     lines = [line for line in corpus.splitlines() if line.strip()]
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(dst / "tokenizer"),
+        sentence_iterator=iter(lines), model_writer=model,
         model_type="bpe", vocab_size=VOCAB_SIZE, character_coverage=1.0, byte_fallback=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # pad shares unk's id 0 (set in the configs)
         user_defined_symbols=[BEGIN_OF_SENTENCE, END_OF_SENTENCE],
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, split_by_whitespace=True, num_threads=1,
         minloglevel=2)
-    (dst / "tokenizer.vocab").unlink(missing_ok=True)
+    (dst / "tokenizer.model").write_bytes(model.getvalue())
     return dst / "tokenizer.model"
 
 
