@@ -54,8 +54,12 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
 class _CountRequests:
-    """ASGI middleware counting HTTP responses by route and status (streaming-safe)."""
+    """ASGI middleware counting HTTP responses by route and status (streaming-safe); unknown
+    paths share the label ``other`` so clients cannot grow the label set."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -74,7 +78,8 @@ class _CountRequests:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.on_http(scope.get("path", ""), status)
+            path = scope.get("path", "")
+            self.metrics.on_http(path if path in ROUTES else "other", status)
 
 
 async def _cancel_on_disconnect(request: Request, coro):

@@ -133,6 +133,12 @@ def _check(served, *, long_tokens, max_tokens=8):
     assert aborted == NUM_STREAMS // 4
     done = m["jaxwint2_http_requests_total[/v1/completions][200]"]
     assert done >= NUM_STREAMS + len(alone)
+    ttfts = (m["jaxwint2_time_to_first_token_seconds_count"]
+             - before["jaxwint2_time_to_first_token_seconds_count"])
+    assert ttfts == NUM_STREAMS              # the aborted ones got their first token too
+    assert m["jaxwint2_inter_token_latency_seconds_count"] > before[
+        "jaxwint2_inter_token_latency_seconds_count"]
+    assert m["jaxwint2_generation_tokens_total"] > before["jaxwint2_generation_tokens_total"]
 
 
 @pytest.fixture(scope="session")
