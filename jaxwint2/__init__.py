@@ -1,4 +1,5 @@
 """jaxwint2: 2-bit ERNIE-4.5 MoE inference in JAX."""
+# ruff: noqa: I001  (imports are grouped under banners, not sorted as one block)
 
 # ---- configuration and runtime layout ----
 from .config import ErnieConfig as ErnieConfig

@@ -125,7 +125,8 @@ class LLM:
         for stops in sorted(set(stop_sets.values())):
             group = [(r, j) for r, j in rows if stop_sets[r] == stops]
             sps = [sampling_params[r] for r, _ in group]
-            seeds = [None if sp.seed is None else sp.seed + j for sp, (_, j) in zip(sps, group)]
+            seeds = [None if sp.seed is None else sp.seed + j
+                     for sp, (_, j) in zip(sps, group, strict=True)]
             if any(s is None for s in seeds):
                 fresh = int.from_bytes(os.urandom(4), "little")
                 seeds = [fresh + k if s is None else s for k, s in enumerate(seeds)]

@@ -25,8 +25,11 @@ from .model import ErnieForCausalLM, _check_dtype
 def _stacked_buffers(cfg, groups) -> list[Any]:
     import jax
 
-    return [jax.tree.map(lambda s, n=len(g): np.empty((n, *s.shape), s.dtype),
-                         layout.layer_shapes(cfg, g.start)) for g in groups]
+    def buffers(g):
+        return jax.tree.map(lambda s: np.empty((len(g), *s.shape), s.dtype),
+                            layout.layer_shapes(cfg, g.start))
+
+    return [buffers(g) for g in groups]
 
 
 def _fill(buffer, index: int, subtree, part: str) -> None:

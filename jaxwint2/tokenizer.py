@@ -2,9 +2,10 @@
 
 Owns text <-> ids for a checkpoint directory: ``tokenizer.model`` (SentencePiece), plus the
 special tokens declared in ``tokenizer_config.json`` / ``added_tokens.json`` when they are not
-pieces of the SentencePiece model. Special-token strings in the input text (``<|begin_of_sentence|>``
-...) are matched first and map to their single ids; the rest goes through SentencePiece. Nothing
-is added automatically (no bos/eos), as ``ernie45-architecture.md`` says.
+pieces of the SentencePiece model. Special-token strings in the input text
+(``<|begin_of_sentence|>`` ...) are matched first and map to their single ids; the rest goes
+through SentencePiece. Nothing is added automatically (no bos/eos), as
+``ernie45-architecture.md`` says.
 
 The chat template (ernie45-architecture.md): ``<|begin_of_sentence|>``, then per message --
 system: ``content + "\\n"``; user: ``"User: " + content + "\\n"``; assistant:
@@ -130,7 +131,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Ids -> text; special tokens dropped (or spelled out with ``skip_special_tokens=False``)."""
+        """Ids -> text; special tokens dropped (spelled out with ``skip_special_tokens=False``)."""
         parts: list[str] = []
         run: list[int] = []
         for i in map(int, ids):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import make_params
 
 from jaxwint2 import ErnieConfig, ErnieForCausalLM, QuantConfig, generate

@@ -1,4 +1,4 @@
-"""Whole-model forward: full-size configs by shape only, the tiny config against the NumPy oracle."""
+"""Whole-model forward: full-size configs by shape only; the tiny config vs the NumPy oracle."""
 
 from __future__ import annotations
 
