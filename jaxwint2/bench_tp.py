@@ -116,6 +116,22 @@ def time_decode(model, *, batch: int, context: int, steps: int, block_size: int,
     return first, float(np.median(times))
 
 
+def pallas_coverage(cfg: ErnieConfig, params: dict, mesh) -> str:
+    """Whether the Pallas kernels take every local linear shape at this TP size (``auto``
+    falls back to the XLA reference for the others): traced with ``kernels="pallas"``, which
+    raises instead of falling back. Costs a trace, no compile."""
+    model = parallel.TPModel(cfg, params, mesh, kernels="pallas")
+    cache = model.init_cache(1, 16)
+    one = jnp.zeros((1, 1), jnp.int32)
+    try:
+        jax.eval_shape(lambda c: model.step(one, one, one, c, logits_at=one[0]), cache)
+    except NotImplementedError as e:
+        return f"no: {e}"
+    except Exception as e:  # a probe, not the measurement: report and go on
+        return f"probe failed: {type(e).__name__}: {str(e)[:200]}"
+    return "yes"
+
+
 def allreduce_bytes(cfg: ErnieConfig, batch: int) -> int:
     """Bytes all-reduced per decode step: bf16 ``[B, H]`` after ``o`` and each dense FFN, fp32
     after each MoE FFN and bf16 for the embedding; plus the fp32 logits all-gather."""
@@ -150,6 +166,9 @@ def main(argv=None) -> list[dict]:
         params = jax.block_until_ready(synthetic_sharded_params(cfg, mesh))
         build_s = time.perf_counter() - t0
         per_gpu = _bytes(params) / tp / 1e9
+        if args.kernels == "auto" and dev.platform == "gpu":
+            print(json.dumps({"tp": tp, "pallas_covers_all_linears":
+                              pallas_coverage(cfg, params, mesh)}), flush=True)
         for collectives in (True, False) if tp > 1 else (True,):
             model = parallel.TPModel(cfg, params, mesh, kernels=args.kernels,
                                      collectives=collectives)
