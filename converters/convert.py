@@ -12,12 +12,16 @@ Nothing here knows tensor names or the runtime tree's structure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 import shutil
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from jaxwint2 import checkpoint
@@ -119,7 +123,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         bar = _progress(parts, progress)
         for part, sub in stream:
             bar.set_postfix_str(part)
-            checkpoint.save_part(tmp, part, sub)
+            with _signals_deferred():  # never leave Orbax writing into a deleted directory
+                checkpoint.save_part(tmp, part, sub)
             summary.bytes_written += _nbytes(sub)
             summary.parts += 1
             del sub
@@ -134,7 +139,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         checkpoint.write_meta(tmp, meta)
         _replace(tmp, dst, force)
     except BaseException:
-        _remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -146,14 +151,29 @@ def _summary_meta(s: Summary) -> dict[str, Any]:
     return d
 
 
-def _remove(tmp: pathlib.Path, attempts: int = 100) -> None:
-    """Delete the temporary output, waiting out writer threads (Orbax/TensorStore) that an
-    interrupt left running and that may still create files in it."""
-    for _ in range(attempts):
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not tmp.exists():
-            return
-        time.sleep(0.05)
+@contextlib.contextmanager
+def _signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver the first one to its handler.
+
+    An interrupt in the middle of an Orbax save would leave its TensorStore writes running in
+    the background, recreating files inside the temporary directory after it is removed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = old[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
 
 
 def _replace(tmp: pathlib.Path, dst: pathlib.Path, force: bool) -> None:
