@@ -3,10 +3,11 @@
 Owns the waiting queue and the running set. Every step gets a token budget
 (``max_num_batched_tokens``); running decodes are served first (one token each) so a long prompt
 never stalls them, then unfinished prefills and newly admitted requests share what is left in
-chunks of at most ``max_prefill_chunk`` tokens (chunked prefill). A request that cannot get a KV
-block preempts the most recently admitted running request, which frees its blocks and later
-resumes by recomputing its tokens (vLLM's recompute preemption). Requests join and leave only at
-step boundaries.
+chunks of at most ``max_prefill_chunk`` tokens (chunked prefill). Prefill rows run padded to
+the longest chunk, so their padded area (rows x longest chunk) is kept within the budget too.
+A request that cannot get a KV block preempts the most recently admitted running request, which
+frees its blocks and later resumes by recomputing its tokens (vLLM's recompute preemption).
+Requests join and leave only at step boundaries.
 
 Knows nothing about devices, tensors, tokenizers or HTTP: plain Python over
 :class:`~serve.request.Request` and :class:`~serve.block_manager.BlockManager`, unit-tested alone.
@@ -152,32 +153,39 @@ class Scheduler:
         # 1. running decodes first, then running (partial) prefills; admission order within each.
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
-        num_prefill_rows = 0
+        rows, longest = 0, 0      # prefill rows so far and their longest chunk
+
+        def prefill_size(n: int) -> int:
+            """Chunk size for one more prefill row: rows are padded to the longest chunk, so
+            keep ``rows x longest`` within the token budget (shrinking the chunk if that helps)."""
+            if n <= 1 or rows == 0:
+                return n
+            if rows >= cfg.max_prefill_seqs:
+                return 0
+            if (rows + 1) * max(longest, n) <= cfg.max_num_batched_tokens:
+                return n
+            return min(n, longest) if (rows + 1) * longest <= cfg.max_num_batched_tokens else 0
+
         for req in decodes + prefills:
             if req.status is not RequestStatus.RUNNING:    # preempted by an earlier row
                 continue
-            is_prefill = req.num_tokens_to_compute > 1
-            if is_prefill and num_prefill_rows >= cfg.max_prefill_seqs:
-                continue
-            n = min(req.num_tokens_to_compute, budget, cfg.max_prefill_chunk)
-            if n == 0:
-                continue
-            if not self._fit(req, n, preempted):
+            n = prefill_size(min(req.num_tokens_to_compute, budget, cfg.max_prefill_chunk))
+            if n == 0 or not self._fit(req, n, preempted):
                 continue
             chunks.append(ScheduledChunk.of(req, n))
             budget -= n
-            num_prefill_rows += is_prefill
+            if n > 1:
+                rows, longest = rows + 1, max(longest, n)
         # 2. admit waiting requests while there is budget, room and no memory pressure.
         while (self.waiting and not preempted and budget > 0
-               and len(self.running) < cfg.max_num_seqs
-               and num_prefill_rows < cfg.max_prefill_seqs):
+               and len(self.running) < cfg.max_num_seqs):
             req = self.waiting[0]
             if not req.block_ids:
                 cached = self.bm.acquire_prefix(req)
                 if not req.num_preemptions:
                     req.num_cached_tokens = cached
-            n = min(req.num_tokens_to_compute, budget, cfg.max_prefill_chunk)
-            if not self.bm.allocate_slots(req, n):
+            n = prefill_size(min(req.num_tokens_to_compute, budget, cfg.max_prefill_chunk))
+            if n == 0 or not self.bm.allocate_slots(req, n):
                 self.bm.free(req)       # give back the prefix blocks; retry next step
                 break
             self.waiting.popleft()
@@ -185,7 +193,8 @@ class Scheduler:
             self.running.append(req)
             chunks.append(ScheduledChunk.of(req, n))
             budget -= n
-            num_prefill_rows += n > 1
+            if n > 1:
+                rows, longest = rows + 1, max(longest, n)
         # A victim may have been scheduled before it was preempted: drop its stale chunk.
         chunks = [c for c in chunks if c.req.status is RequestStatus.RUNNING]
         return SchedulerOutput(chunks, preempted)

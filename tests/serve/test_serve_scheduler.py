@@ -116,3 +116,18 @@ def test_update_skips_requests_aborted_during_the_step():
     out = s.schedule()
     s.finish("a", FinishReason.ABORT)
     assert s.update(out, {"a": 7}) == []
+
+
+def test_prefill_rows_padded_area_stays_within_budget():
+    s = sched_with(max_num_seqs=8, max_num_batched_tokens=32, max_prefill_chunk=16,
+                   max_prefill_seqs=8)
+    s.add(make("long", 40))
+    for i in range(6):
+        s.add(make(f"short{i}", 3))
+    for _ in range(8):
+        out, _ = step(s)
+        pre = [c.num_tokens for c in out.chunks if c.num_tokens > 1]
+        if pre:
+            assert len(pre) * max(pre) <= 32, pre
+    out = s.schedule()
+    assert s.num_waiting == 0
