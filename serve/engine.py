@@ -209,7 +209,9 @@ class Engine:
         self.runner = ModelRunner(self.model, RunnerConfig(
             num_blocks=self.num_blocks, block_size=c.block_size, max_num_seqs=c.max_num_seqs,
             max_prefill_seqs=c.max_prefill_seqs, max_prefill_chunk=c.max_prefill_chunk,
-            max_blocks_per_seq=c.max_blocks_per_seq, decode_buckets=c.decode_buckets,
+            max_blocks_per_seq=c.max_blocks_per_seq,
+            max_num_batched_tokens=self.scheduler.config.max_num_batched_tokens,
+            decode_buckets=c.decode_buckets,
             prefill_batch_buckets=c.prefill_batch_buckets,
             prefill_len_buckets=c.prefill_len_buckets, block_buckets=c.block_buckets),
             sample_fn=self._sample_fn)

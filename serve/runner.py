@@ -73,6 +73,7 @@ class RunnerConfig:
     max_prefill_seqs: int
     max_prefill_chunk: int
     max_blocks_per_seq: int
+    max_num_batched_tokens: int = 1 << 30
     min_block_bucket: int = 4
     # explicit bucket sets (ascending; the last one covers the maximum); empty = powers of two
     decode_buckets: tuple[int, ...] = ()
@@ -231,20 +232,35 @@ class ModelRunner:
 
     # ---- warm-up ----
     def warmup_shapes(self, level: str) -> list[tuple[int, int, int]]:
-        """Shapes ``(B, T, P)`` compiled before serving, all at the smallest ``P``: ``none``;
-        ``minimal`` (the smallest decode and prefill shapes); ``all`` (every decode bucket and
-        every prefill batch x length bucket)."""
+        """Shapes ``(B, T, P)`` compiled before serving, each at the smallest ``P`` it can have:
+        ``none``; ``minimal`` (the smallest decode and prefill shapes); ``all`` (every decode
+        bucket and every prefill batch x length bucket the scheduler can produce)."""
         p = self.block_buckets[0]
+
+        def p_for(t: int) -> int:   # a chunk of t tokens spans at least ceil(t / bs) blocks
+            return self._block_bucket(math.ceil(t / self.config.block_size))
+
         if level == "none":
             return []
         if level == "minimal":
-            return [(self.decode_buckets[0], 1, p),
-                    (self.prefill_batch_buckets[0], self.prefill_len_buckets[0], p)]
+            t = self.prefill_len_buckets[0]
+            return [(self.decode_buckets[0], 1, p), (self.prefill_batch_buckets[0], t, p_for(t))]
         if level == "all":
             return ([(b, 1, p) for b in self.decode_buckets]
-                    + [(b, t, p) for b in self.prefill_batch_buckets
-                       for t in self.prefill_len_buckets])
+                    + [(b, t, p_for(t)) for b, t in self._reachable_prefill_shapes()])
         raise ValueError(f"warmup level {level!r} is not one of none/minimal/all")
+
+    def _reachable_prefill_shapes(self) -> list[tuple[int, int]]:
+        """Prefill buckets ``(Bp, T)`` the scheduler can produce: the fewest rows and the
+        shortest longest-chunk that land in a bucket must fit the padded-area budget."""
+        out = []
+        for i, b in enumerate(self.prefill_batch_buckets):
+            rows = self.prefill_batch_buckets[i - 1] + 1 if i else 1
+            for j, t in enumerate(self.prefill_len_buckets):
+                longest = self.prefill_len_buckets[j - 1] + 1 if j else 2
+                if rows * longest <= self.config.max_num_batched_tokens:
+                    out.append((b, t))
+        return out
 
     def warmup(self, level: str = "minimal") -> None:
         """Compile the step and sampler for a set of shapes with all-padding batches (positions
