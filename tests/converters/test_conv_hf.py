@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conv_sources import f32
+from conv_sources import f32, read_all
 
 import converters
 from jaxwint2 import checkpoint
@@ -83,3 +83,19 @@ def test_hf_source_load_equals_converted(case):
     same = jax.tree.map(lambda x, y: x.dtype == y.dtype and np.array_equal(
         x.view(np.uint8), y.view(np.uint8)), a, b)
     assert all(jax.tree.leaves(same))
+
+
+def test_hf_float32_checkpoint_is_rounded_to_bf16_and_reported(tmp_path):
+    from jaxwint2.testing import write_hf_checkpoint
+
+    write_hf_checkpoint(tmp_path / "f32", seed=3, dtype="float32", num_hidden_layers=2)
+    s = converters.convert_checkpoint(tmp_path / "f32", tmp_path / "out", progress=False)
+    assert "model.layers.0.self_attn.q_proj.weight" in s.rounded
+    assert not any("norm" in n or "mlp.gate.weight" in n for n in s.rounded)  # f32 leaves
+    sd = read_all(tmp_path / "f32")
+    _, p, _ = checkpoint.load_params(tmp_path / "out")
+    np.testing.assert_array_equal(
+        p["layers"][1]["mlp"]["experts"]["down"]["weight"][3],
+        sd["model.layers.1.mlp.experts.3.down_proj.weight"].T.astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(p["layers"][1]["mlp"]["router"]["weight"],
+                                  sd["model.layers.1.mlp.gate.weight"].T)
