@@ -80,3 +80,4 @@ def test_tp_multiprocess_jax_distributed(tmp_path):
     for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
         _check(p, out, f"process {i}")
         assert f"process {i}/{n} TP4 fp32 forward" in out
+        assert f"process {i}/{n} TP4 generate tokens identical" in out

@@ -243,6 +243,16 @@ def multiprocess(tmp: pathlib.Path, process_id: str, num_processes: str, port: s
         want = np.asarray(_reference(cfg, params, "float32")(PROMPTS))
     got = np.asarray(model(PROMPTS).addressable_data(0))  # replicated: any local copy
     compare(f"process {process_id}/{num_processes} TP{tp} fp32 forward", got, want, "float32")
+    # the offline generate loop, run by every process (SPMD), as a multi-host user would
+    from jaxwint2 import generate
+
+    prompts = [[1, 17, 300, 42], [3, 500, 9, 260, 11, 2, 7]]
+    got_gen = generate(model, prompts, max_new_tokens=3, temperature=0.0)
+    with jax.default_device(jax.local_devices()[0]):
+        want_gen = generate(_reference(cfg, params, "float32"), prompts, max_new_tokens=3,
+                            temperature=0.0)
+    assert got_gen == want_gen, (got_gen, want_gen)
+    print(f"process {process_id}/{num_processes} TP{tp} generate tokens identical: {got_gen}")
 
 
 SCENARIOS = {f.__name__: f for f in (shards, checkpoints, multiprocess)}
