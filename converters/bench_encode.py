@@ -27,8 +27,7 @@ import numpy as np
 
 from pallas_kernels.wint2 import GROUP_SIZE, dequantize_wint2
 
-from .encode_wint2 import bf16_round, encode_device, encode_wint2, pack_checkpoint, \
-    quantize_scales
+from .encode_wint2 import encode_device, encode_wint2, pack_checkpoint, quantize_scales
 
 _SHRINK = jnp.linspace(0.25, 1.0, 31)
 

@@ -328,7 +328,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                                          k_order=k_order))
     hessians = load_hessians(calibration) if calibration else {}
     _check_hessians(qcfg, hessians, calibration)
-    summary = QuantizeSummary(src=str(src), dst=str(dst), source_format=meta.get("source_format", "?"),
+    summary = QuantizeSummary(src=str(src), dst=str(dst),
+                              source_format=meta.get("source_format", "?"),
                               quantization_config=qcfg.quant.to_dict())
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     names = checkpoint.part_names(qcfg)

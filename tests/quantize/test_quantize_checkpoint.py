@@ -37,7 +37,7 @@ def _headers(d: pathlib.Path) -> dict:
     out = {}
     for f in sorted(set(index.values())):
         st = SafetensorsFile(d / f)
-        out.update({k: (st.info(k).dtype, tuple(st.info(k).shape)) for k in st.keys()})
+        out.update({k: (st.info(k).dtype, tuple(st.info(k).shape)) for k in st.keys()})  # noqa: SIM118
     assert set(out) == set(index)
     return out
 
@@ -56,9 +56,11 @@ def test_names_dtypes_shapes_and_config(ckpts):
     assert h[w2 + "super_scales"] == ("BF16", (128,))
     assert h[w2 + "code_scale"] == ("F32", (128,)) and h[w2 + "code_zp"] == ("F32", (128,))
     w4 = "ernie.layers.1.mlp.experts.0.up_gate_proj."  # K = 128, N = 128: int4 [N/2, K]
-    assert h[w4 + "quant_weight"] == ("I8", (64, 128)) and h[w4 + "weight_scale"] == ("BF16", (128,))
+    assert h[w4 + "quant_weight"] == ("I8", (64, 128))
+    assert h[w4 + "weight_scale"] == ("BF16", (128,))
     w8 = "ernie.layers.0.self_attn.qkv_proj."  # K = 128, N = 256: int8 [N, K]
-    assert h[w8 + "quant_weight"] == ("I8", (256, 128)) and h[w8 + "weight_scale"] == ("BF16", (256,))
+    assert h[w8 + "quant_weight"] == ("I8", (256, 128))
+    assert h[w8 + "weight_scale"] == ("BF16", (256,))
     assert h["ernie.layers.2.mlp.shared_experts.down_proj.quant_weight"][0] == "I8"
     assert h["ernie.layers.2.mlp.gate.weight"] == ("F32", (128, 4))
     assert not any(k.endswith(".weight") and "proj" in k for k in h), "unquantized linear left"
@@ -70,10 +72,10 @@ def test_loaders_accept_output_and_errors_are_per_format(ckpts, tmp_path):
     assert cfg_q.expert_format(1) == "wint4" and cfg_q.expert_format(2) == "wint2"
     errs = {}
     for i in (0, 1, 2):
-        for name, fmt, src, dst in [
-            ("qkv", "wint8", params_s["layers"][i]["attn"]["qkv"],
+        for fmt, src, dst in [
+            ("wint8", params_s["layers"][i]["attn"]["qkv"],
              params_q["layers"][i]["attn"]["qkv"]),
-            *([("experts", cfg_q.expert_format(i), params_s["layers"][i]["mlp"]["experts"]["down"],
+            *([(cfg_q.expert_format(i), params_s["layers"][i]["mlp"]["experts"]["down"],
                 params_q["layers"][i]["mlp"]["experts"]["down"])] if i else [])]:
             w = np.asarray(src["weight"], np.float32)
             wh = np.asarray(dequantize(dst, fmt, dtype=np.float32))
