@@ -33,6 +33,8 @@ def ckpts(tmp_path_factory, tiny_cfg, tiny_params) -> dict[str, pathlib.Path]:
     out["w4w2_bf16"] = converters.write_paddle_checkpoint(
         tiny_cfg, tiny_params, root / "w4w2_bf16", num_shards=3, bf16_header="BF16",
         extra_tensors=MTP)
+    (out["w4w2_bf16"] / "tokenizer.model").write_bytes(b"\x0a\x03sentencepiece-bytes")
+    (out["w4w2_bf16"] / "tokenizer_config.json").write_text('{"bos_token": "<s>"}')
     out["w4w2_u16"] = converters.write_paddle_checkpoint(
         tiny_cfg, tiny_params, root / "w4w2_u16", num_shards=2, bf16_header="U16",
         lm_head_out_in=True)

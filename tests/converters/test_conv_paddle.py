@@ -144,6 +144,9 @@ def test_metadata_and_copied_files(converted, ckpts):
     meta = checkpoint.read_meta(path)
     assert meta["format_version"] == 1 and meta["source"] == str(ckpts["w4w2_bf16"].absolute())
     assert (path / "config.json").read_bytes() == (ckpts["w4w2_bf16"] / "config.json").read_bytes()
-    assert (path / "generation_config.json").exists()
+    for f in ("generation_config.json", "tokenizer.model", "tokenizer_config.json"):
+        assert (path / f).read_bytes() == (ckpts["w4w2_bf16"] / f).read_bytes(), f
+    assert sorted(summary.copied_files) == sorted(
+        ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json"])
     assert len(summary.skipped) == 2 and summary.unknown == []
     assert summary.bytes_read > 0 and summary.parts == 7
