@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -86,11 +88,13 @@ def make_params(cfg: ErnieConfig, seed: int = 0, *, bias_center: float = 30.0) -
     return params
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "k_order"))
+def _dequantize(w, fmt, k_order):
+    return pallas_kernels.dequantize(w, fmt, k_order=k_order, dtype=jnp.float32)
+
+
 def _dense(w: dict, k_order: str = "natural") -> np.ndarray:
-    fmt = layout.linear_format(w)
-    return np.asarray(pallas_kernels.dequantize(
-        {k: jnp.asarray(v) for k, v in w.items()}, fmt, k_order=k_order, dtype=jnp.float32),
-        np.float64)
+    return np.asarray(_dequantize(w, layout.linear_format(w), k_order), np.float64)
 
 
 def dense_weights(cfg: ErnieConfig, params: dict, k_order: str = "natural") -> dict:

@@ -48,24 +48,29 @@ def test_route_ties_go_to_lower_expert_id():
     np.testing.assert_allclose(np.asarray(weights), 0.5)
 
 
-def _dense(w, fmt):
-    return np.asarray(pallas_kernels.dequantize(w, fmt, dtype=jnp.float32), np.float64)
+def _dense(w, fmt, k_order="natural"):
+    return np.asarray(pallas_kernels.dequantize(w, fmt, k_order=k_order, dtype=jnp.float32),
+                      np.float64)
 
 
-@pytest.mark.parametrize("expert_fmt", ["wint2", "wint4", "bf16"])
-def test_moe_layer_matches_loop_reference(expert_fmt):
-    """Uneven groups, empty experts, shared expert; dispatch never computes all experts."""
+@pytest.mark.parametrize("expert_fmt, k_order", [("wint2", "natural"), ("wint2", "shuffled"),
+                                                 ("wint4", "natural"), ("bf16", "natural")])
+def test_moe_layer_matches_loop_reference(expert_fmt, k_order):
+    """Uneven groups, empty experts, shared expert; dispatch never computes all experts.
+
+    ``k_order="shuffled"`` checks that the checkpoint's WINT2 K order reaches the experts.
+    """
     cfg = ErnieConfig.tiny(QuantConfig(dense="wint8", moe=expert_fmt), num_hidden_layers=2,
                            moe_layer_end_index=1, moe_num_experts=8, moe_k=3)
     mlp = make_params(cfg, seed=2)["layers"][1]["mlp"]
-    moe = MoE(mlp, k=cfg.moe_k, expert_fmt=WeightFormat(expert_fmt, "reference"),
+    moe = MoE(mlp, k=cfg.moe_k, expert_fmt=WeightFormat(expert_fmt, "reference", k_order),
               dense_fmt=WeightFormat("wint8", "reference"))
     x = np.random.default_rng(3).standard_normal((1, 5, cfg.hidden_size)).astype(np.float32)
     graphdef, state = nnx.split(moe)
     got = np.asarray(jax.jit(lambda st, v: nnx.merge(graphdef, st)(v))(state, x))[0]
 
-    up = _dense(mlp["experts"]["up_gate"], expert_fmt)
-    down = _dense(mlp["experts"]["down"], expert_fmt)
+    up = _dense(mlp["experts"]["up_gate"], expert_fmt, k_order)
+    down = _dense(mlp["experts"]["down"], expert_fmt, k_order)
     su, sd = _dense(mlp["shared"]["up_gate"], "wint8"), _dense(mlp["shared"]["down"], "wint8")
 
     def swiglu(v, a, b):
