@@ -49,6 +49,11 @@ def test_tp_checkpoints_logits_and_greedy_tokens(tmp_path, dtype):
             assert f"tp{n}-source -> TP{tp} {dtype} logits" in out
 
 
+def test_tp_openai_server_at_tp2(tmp_path):
+    out = run_scenario("serve_demo", tmp_path, devices=2)
+    assert "TP2 server completion" in out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

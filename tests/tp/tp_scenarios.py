@@ -255,7 +255,38 @@ def multiprocess(tmp: pathlib.Path, process_id: str, num_processes: str, port: s
     print(f"process {process_id}/{num_processes} TP{tp} generate tokens identical: {got_gen}")
 
 
-SCENARIOS = {f.__name__: f for f in (shards, checkpoints, multiprocess)}
+def serve_demo(tmp: pathlib.Path) -> None:
+    """The OpenAI server over the demo checkpoint at TP 2 (what ``python -m jaxwint2.serve
+    --tensor-parallel-size 2`` builds): a greedy completion, with its usage counts."""
+    import httpx
+
+    from jaxwint2.demo import ensure_demo_model
+    from jaxwint2.parallel import TPModel
+    from serve.app import create_app
+    from serve.engine import EngineConfig, load_engine
+    from serve.testing import LoopbackServer
+
+    config = EngineConfig(max_num_seqs=2, max_model_len=64, block_size=16, num_blocks=16,
+                          max_num_batched_tokens=32, max_prefill_chunk=32, max_prefill_seqs=1,
+                          decode_buckets=(2,), prefill_batch_buckets=(1,),
+                          prefill_len_buckets=(32,), block_buckets=(4,), warmup="none")
+    path = str(ensure_demo_model(tmp / "cache"))
+    engine, tok = load_engine(path, kernels="reference", tensor_parallel_size=2, config=config)
+    try:
+        assert isinstance(engine.model, TPModel) and engine.model.tensor_parallel_size == 2
+        with LoopbackServer(create_app(engine, tok, model_name="demo")) as srv:
+            r = httpx.post(srv.url + "/v1/completions", timeout=600, json={
+                "model": "demo", "prompt": "The colour of the sky is", "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True})
+    finally:
+        engine.shutdown()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 8, body
+    print(f"TP2 server completion: {body['choices'][0]['text']!r} usage {body['usage']}")
+
+
+SCENARIOS = {f.__name__: f for f in (shards, checkpoints, multiprocess, serve_demo)}
 
 if __name__ == "__main__":
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
