@@ -3,6 +3,10 @@
 ``implementation``: ``"pallas"`` (the Pallas kernel; on a CPU it runs in interpret mode, and
 naming it never falls back silently), ``"xla"`` (the pure-jnp reference), or ``None`` (the Pallas
 kernel on a GPU that supports the shape, the reference elsewhere).
+
+The Pallas path is ``kernels.py`` (validation, x column order, tile table, config lookup in
+``config.py`` / ``tuned/<device>.json``) over one kernel, ``kernel_triton.py``, whose docstring
+gives the computed function, its rounding and the measured reason for the backend.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def _wint2_planes(refs, consts, g, kb, bk: int, cols, bn: int, dtype,
 CODECS: dict[str, Codec] = {
     "bf16": Codec("bf16", 1, ("weight",)),
     "wint8": Codec("wint8", 1, ("quant_weight", "weight_scale"), column_scaled=True),
-    "wint4": Codec("wint4", 2, ("quant_weight", "weight_scale"), column_scaled=True, min_block_k=32),
+    "wint4": Codec("wint4", 2, ("quant_weight", "weight_scale"), column_scaled=True,
+                   min_block_k=32),
     "wint2": Codec("wint2", 4, ("quant_weight", "weight_scale", "super_scales", "code_scale",
                                "code_zp"), min_block_k=2 * GROUP_SIZE),
 }

@@ -5,8 +5,8 @@ kernel's shape constraints (powers of two, divisibility) but not how the kernel 
 Lookup order: an explicit ``config=``, then the tuned table of the current device
 (``tuned/<device_key>.json``, written only by ``bench.py --tune``), then :func:`heuristic_config`.
 
-A tuned-table key is ``fmt|activation|groups|K|N|rows-bucket``; rows are the activation rows the kernel
-sees (tokens x top-k for a MoE layer) rounded up to a power of two.
+A tuned-table key is ``fmt|activation|groups|K|N|rows-bucket``; rows are the activation rows the
+kernel sees (tokens x top-k for a MoE layer) rounded up to a power of two.
 """
 
 from __future__ import annotations

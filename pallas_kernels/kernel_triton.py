@@ -4,7 +4,8 @@ One kernel serves every format (``codecs.py``) and both ops: a dense matmul is t
 with a single group. It computes, for each row r of group e (rows sorted by group)::
 
     y[r, :] = epilogue( sum_k x[r, k] * W_e[k, :] )        fp32 accumulation on the tensor cores
-    W_e     = the codec's decode of expert e's packed tile (bit-exact with reference.dequantize)
+    W_e     = the codec's decode of expert e's packed tile (WINT2: bit-exact with
+              dequantize_wint2; modes that scale after the dot: see codecs.py)
     epilogue: * weight_scale[e, :] (WINT4/8) ; swiglu: silu(y_gate) * y_up ; * row_scale[r]
     rows past sum(group_sizes) are written as zeros; the result is cast to out_dtype once.
 
@@ -23,15 +24,30 @@ Grid and tiles::
       │ epilogue, masked store of rows [lo, hi)  │        permuted columns, contiguous)
       └──────────────────────────────────────────┘
 
+Modes (``TuningConfig.mode``; the tuned table picks one per row regime):
+
+* ``"mma"``: as drawn; one dot of depth bk/P per plane.
+* ``"mma_gs"`` (WINT2): per 64-row group, P dots of depth 16 on the raw integers q, then
+  ``acc += part * (nib * super_scale)``: no per-weight scale gather, multiply or rounding
+  (10-15 % faster than ``"mma"`` at <= 64 tokens on the H100; rounding as in ``codecs.py``).
+* ``"mma_merged"``: planes interleaved back to natural K order, one dot of depth bk.
+* ``"fma"``: <= 8 rows per tile on CUDA-core FMAs ([bk/P, bn] fp32 partial sums per row,
+  reduced once), no tensor cores; the 1-token down projection picks it.
+
 At small M every active expert has exactly one tile per n tile, so its packed weights are read
 from HBM exactly once; the decode runs in registers and only bf16 planes meet the MMA.
 
-Backend: Pallas's Triton lowering. It runs under ``interpret=True`` on a CPU (CI) and on jax
-0.10 and 0.11 alike, and on the H100 it streams packed bytes at a large fraction of HBM
-bandwidth for the memory-bound decode regime (see ``bench.py`` results). Mosaic GPU (wgmma +
-TMA, warp specialisation) is the route to Hopper's MMA peak at large M; it was not written in
-this iteration (its CPU interpreter is not usable on jax 0.10), and the op API is
-backend-neutral so that a Mosaic kernel can slot in behind the same ``implementation="pallas"``.
+Backend, chosen by measurement (H100, jax 0.11.2, ``pallas_kernels/results/``): Pallas's
+Triton lowering. It is the one Pallas GPU backend that (a) runs under ``interpret=True`` on a
+CPU, so CI executes this exact kernel body, and (b) works on jax 0.10.2 and 0.11.2 alike
+(Mosaic GPU's CPU interpreter is private and hangs on mixed-type matmuls in 0.10.2). Measured:
+the same skeleton with bf16 weights streams at 2.7 TB/s (81 % of DRAM peak, ncu) at 1 token,
+so the grid / tile-table / pipelining design is not the limit; with WINT2 the kernel is bound
+by the per-weight decode arithmetic (ncu: 255 registers/thread, 12.5 % occupancy, SM ~54 %
+busy, DRAM 9 %), which is where a Mosaic GPU kernel (register-level control of the bf16x2
+packing, wgmma from registers, warp-specialised TMA producers) would win; at >= 256 tokens the
+Triton MMA path reaches 21 % of the bf16 matmul peak. The op API (``api.py``) is
+backend-neutral: a Mosaic kernel can slot in behind ``implementation="pallas"`` unchanged.
 """
 
 from __future__ import annotations
@@ -193,9 +209,10 @@ def _precision(dtype):
 
 @functools.partial(jax.jit, static_argnames=("fmt", "activation", "out_dtype", "cfg",
                                              "interpret"))
-def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...], tiles: tuple[jax.Array, ...],
-                   row_scale: jax.Array | None, *, fmt: str, activation: str | None, out_dtype,
-                   cfg: TuningConfig, interpret: bool) -> jax.Array:
+def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...],
+                   tiles: tuple[jax.Array, ...], row_scale: jax.Array | None, *, fmt: str,
+                   activation: str | None, out_dtype, cfg: TuningConfig,
+                   interpret: bool) -> jax.Array:
     """Run the kernel on plane-permuted ``x [M, K]`` and stacked ``weights`` (codec leaf order).
 
     ``tiles`` is ``(group, block, lo, hi)`` int32 ``[T]`` (see ``kernels.tile_table``). Shape

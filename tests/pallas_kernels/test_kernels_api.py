@@ -91,7 +91,8 @@ def test_tuning_config_validation_and_heuristic():
     big = config.heuristic_config("wint2", 32768, 8192, 3584, activation="swiglu", num_groups=64)
     assert small.block_m == 16 and big.block_m > small.block_m
     assert 8192 % small.block_k == 0 and 3584 % big.block_n == 0
-    assert str(config.TunedKey("wint2", "swiglu", 64, 8192, 3584, 8)) == "wint2|swiglu|64|8192|3584|8"
+    key = config.TunedKey("wint2", "swiglu", 64, 8192, 3584, 8)
+    assert str(key) == "wint2|swiglu|64|8192|3584|8"
 
 
 def test_tuned_tables_parse():

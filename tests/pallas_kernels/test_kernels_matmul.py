@@ -14,17 +14,17 @@ from pallas_kernels.config import TuningConfig
 
 CPU_CASES = [
     *(dict(fmt=f, grouped=True, activation="swiglu", row_scale=True) for f in checks.FORMATS),
-    *(dict(fmt=f, grouped=False) for f in checks.FORMATS),
+    dict(fmt="wint2", grouped=False),
     dict(fmt="wint2", grouped=True, k_order="shuffled", activation="swiglu"),
     dict(fmt="wint2", grouped=True, x_dtype=jnp.float32, row_scale=True),
-    dict(fmt="wint4", grouped=False, x_dtype=jnp.float32),
     dict(fmt="wint2", grouped=True, activation="swiglu", row_scale=True,
          config=TuningConfig(block_m=2, block_n=32, block_k=128, mode="fma")),
-    dict(fmt="wint4", grouped=True, padding=0,
-         config=TuningConfig(block_m=16, block_n=32, block_k=64, mode="mma_merged")),
     dict(fmt="wint2", grouped=True, row_scale=True, k_order="shuffled",
-         config=TuningConfig(block_m=16, block_n=64, block_k=128, mode="mma_merged")),
+         config=TuningConfig(block_m=16, block_n=32, block_k=256, mode="mma_gs")),
+    dict(fmt="wint4", grouped=False, x_dtype=jnp.float32, padding=0,
+         config=TuningConfig(block_m=16, block_n=32, block_k=64, mode="mma_merged")),
 ]
+GS = TuningConfig(block_m=16, block_n=32, block_k=128, mode="mma_gs")
 
 
 def _id(kw):
@@ -39,9 +39,11 @@ class _KernelTests:
         s = checks.check_matmul(interpret=self.INTERPRET, **kw)
         assert s.finite and s.rel_l2 < 1e-2
 
-    @pytest.mark.parametrize("k_order", ["natural", "shuffled"])
-    def test_wint2_decode_bit_exact_one_hot(self, k_order):
-        exposed = checks.check_wint2_decode_exact(interpret=self.INTERPRET, k_order=k_order)
+    @pytest.mark.parametrize("k_order,config", [("natural", None), ("shuffled", GS)],
+                             ids=["natural-mma", "shuffled-mma_gs"])
+    def test_wint2_decode_bit_exact_one_hot(self, k_order, config):
+        exposed = checks.check_wint2_decode_exact(interpret=self.INTERPRET, k_order=k_order,
+                                                  config=config)
         assert exposed > 0  # the random code_scale/code_zp do exercise the fused multiply-add
 
     def test_under_jit_with_traced_group_sizes(self):
@@ -57,7 +59,8 @@ class _KernelTests:
             checks.assert_close(f(x, gs), want, context=str(gs))
 
     def test_under_shard_map(self):
-        from jax.sharding import Mesh, PartitionSpec as P
+        from jax.sharding import Mesh
+        from jax.sharding import PartitionSpec as P
 
         from pallas_kernels import kernels, reference, shapes
 
