@@ -127,3 +127,14 @@ def test_main_command_runs_on_the_demo(demo_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Assistant:" in r.stdout and "tokens/s" in r.stdout and "random weights" in r.stdout
     assert np.isfinite(float(r.stdout.split("tokens/s")[0].split("=")[-1]))
+
+
+def test_converted_checkpoint_loads_like_its_paddle_source(demo_dir, tmp_path):
+    converters = pytest.importorskip("converters")
+    converters.convert_checkpoint(demo_dir, tmp_path / "converted", progress=False)
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    a = np.asarray(jaxwint2.load(demo_dir, kernels="reference")(ids))
+    b = np.asarray(jaxwint2.load(tmp_path / "converted", kernels="reference")(ids))
+    np.testing.assert_array_equal(a, b)
+    assert Tokenizer.from_dir(tmp_path / "converted").encode("river") == \
+        Tokenizer.from_dir(demo_dir).encode("river")
