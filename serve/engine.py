@@ -231,6 +231,7 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._fail_all(EngineError("the engine was shut down"))   # no stream waits forever
 
     # ---- client API ----
     def _validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -242,8 +243,11 @@ class Engine:
                              f"{self.config.max_model_len} (prompt + at least one new token)")
         if (bad := next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)) is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if math.ceil(n / self.config.block_size) >= self.num_blocks:
-            raise ValueError(f"the prompt ({n} tokens) does not fit in the KV cache")
+        longest = min(n + params.max_tokens, self.config.max_model_len)
+        if math.ceil(longest / self.config.block_size) > self.num_blocks:
+            raise ValueError(f"{n} prompt tokens + max_tokens={params.max_tokens} do not fit "
+                             f"in the KV cache ({self.num_blocks} blocks of "
+                             f"{self.config.block_size} tokens)")
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                request_id: str) -> AsyncIterator[RequestOutput]:
