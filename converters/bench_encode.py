@@ -136,6 +136,36 @@ def quality(k: int, n: int, seed: int = 0, effort: str = "default") -> list[dict
     return rows
 
 
+def correlated_activations(k: int, rows: int, seed: int) -> np.ndarray:
+    """``[rows, k]`` activations with a decaying-spectrum input covariance (LLM-like)."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * np.exp(-np.arange(k) / (k / 8))[None, :]
+    scale = np.exp(rng.standard_normal(k) * 0.5)  # a few loud input channels
+    return (rng.standard_normal((rows, k)) @ mix.T * scale).astype(np.float32)
+
+
+def calibration(k: int, n: int, seed: int = 0, effort: str = "default") -> dict:
+    """Output error ``||X W - X W_hat|| / ||X W||`` on held-out X, without / with a Hessian."""
+    from .encode_gptq import hessian_from_activations
+
+    x_cal = correlated_activations(k, 4 * k, seed)
+    x_test = correlated_activations(k, 4 * k + 1024, seed)[4 * k:]
+    w = sample("gaussian", k, n, seed + 1)
+    y = x_test @ w
+
+    def out_err(enc):
+        wh = np.asarray(dequantize_wint2(**enc), np.float32)
+        return float(np.linalg.norm(y - x_test @ wh) / np.linalg.norm(y))
+
+    plain = encode_wint2(w, effort=effort)
+    cal = encode_wint2(w, hessian=hessian_from_activations(x_cal), effort=effort)
+    return {"bench": "calibration", "shape": [k, n], "effort": effort,
+            "calibration_rows": int(x_cal.shape[0]), "held_out_rows": int(x_test.shape[0]),
+            "output_error_plain": out_err(plain), "output_error_gptq": out_err(cal),
+            "weight_error_plain": relative_error(w, dequantize_wint2(**plain)),
+            "weight_error_gptq": relative_error(w, dequantize_wint2(**cal))}
+
+
 def speed(k: int, n: int, repeats: int = 3, seed: int = 0, effort: str = "default") -> dict:
     w = jax.device_put(jnp.asarray(sample("gaussian", k, n, seed), jnp.bfloat16))
     t0 = time.perf_counter()
@@ -163,12 +193,16 @@ def main(argv=None) -> int:
                    choices=("fast", "default", "best"))
     p.add_argument("--quality-efforts", nargs="+", default=["default"],
                    choices=("fast", "default", "best"))
+    p.add_argument("--calibration-shape", type=int, nargs=2, default=None,
+                   help="also run the calibration (GPTQ) bench at this [K, N]")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     a = p.parse_args(argv)
     if not a.skip_speed:
         for effort in a.speed_efforts:
             print(json.dumps(speed(*a.speed_shape, effort=effort)), flush=True)
+    if a.calibration_shape:
+        print(json.dumps(calibration(*a.calibration_shape)), flush=True)
     if not a.skip_quality:
         for effort in a.quality_efforts:
             for row in quality(*a.quality_shape, effort=effort):
