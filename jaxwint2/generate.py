@@ -29,6 +29,7 @@ from flax import nnx
 from .sampling import sample, step_keys
 
 MIN_PROMPT_BUCKET = 16
+MIN_CONTEXT_BUCKET = 256  # tokens of cache per row: short requests share one compiled shape
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -102,7 +103,8 @@ def generate(model, prompt_token_ids: Sequence[Sequence[int]], *, max_new_tokens
     rows = bucket(n)
     lengths = np.array([len(p) for p in prompts] + [1] * (rows - n), np.int32)
     t_prompt = bucket(lengths.max(), MIN_PROMPT_BUCKET)
-    blocks_per_row = bucket(-(-(t_prompt + max_new_tokens) // block_size))
+    blocks_per_row = bucket(-(-(t_prompt + max_new_tokens) // block_size),
+                            -(-MIN_CONTEXT_BUCKET // block_size))
     block_tables = np.arange(rows * blocks_per_row, dtype=np.int32).reshape(rows, blocks_per_row)
 
     tokens = np.zeros((rows, t_prompt), np.int32)
