@@ -8,8 +8,11 @@ checkpoint's WINT2 in-group K order and the kernel implementation to the ops of
 call signatures are the same for every format.
 
 This module owns the user-facing ``kernels=`` switch (``"pallas"`` / ``"reference"`` /
-``"auto"``) and its mapping to ``pallas_kernels``' ``implementation=``. It does not know the
-bit layouts (``pallas_kernels``) nor the tree of a model (``jaxwint2.layout``).
+``"auto"``) and its mapping to ``pallas_kernels``' ``implementation=``. Under ``"auto"``, fp32
+activations take the reference path: the kernels feed tensor-core MMAs (bf16 operands), while
+``dtype="float32"`` promises results that differ from an fp64 computation only by fp32
+rounding. It does not know the bit layouts (``pallas_kernels``) nor the tree of a model
+(``jaxwint2.layout``).
 
 Example:
   >>> fmt = WeightFormat("wint2", kernels="reference")
@@ -70,6 +73,11 @@ class WeightFormat:
     def implementation(self) -> str | None:
         return implementation_for(self.kernels)
 
+    def _implementation_for(self, x: jax.Array) -> str | None:
+        if self.kernels == "auto" and x.dtype == jnp.float32:
+            return "xla"  # exact fp32 dots; see the module docstring
+        return self.implementation
+
     def param_shapes(self, k: int, n: int, experts: int | None = None) -> layout.Shapes:
         """Leaves of one linear (``[E, ...]`` stacked when ``experts``) as ShapeDtypeStructs."""
         return layout.linear_shapes(self.name, k, n, experts)
@@ -79,7 +87,7 @@ class WeightFormat:
         """``epilogue(x [M, K] @ W [K, N])`` with fp32 accumulation -> ``[M, N]`` (``N/2``)."""
         return pallas_kernels.quant_matmul(
             x, w, fmt=self.name, k_order=self.k_order, activation=activation,
-            row_scale=row_scale, out_dtype=out_dtype, implementation=self.implementation)
+            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x))
 
     def grouped_matmul(self, x: jax.Array, w: dict[str, jax.Array], group_sizes: jax.Array, *,
                        activation=None, row_scale: jax.Array | None = None,
@@ -90,7 +98,7 @@ class WeightFormat:
         """
         return pallas_kernels.quant_grouped_matmul(
             x, w, group_sizes, fmt=self.name, k_order=self.k_order, activation=activation,
-            row_scale=row_scale, out_dtype=out_dtype, implementation=self.implementation)
+            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x))
 
     def dequantize(self, w: dict[str, jax.Array], dtype=jnp.bfloat16) -> jax.Array:
         """The dense ``[..., K, N]`` weight the matmuls compute with (tests, debugging)."""
