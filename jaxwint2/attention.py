@@ -103,7 +103,9 @@ class Attention(nnx.Module):
             k_all, v_all = kvc.read_layer(cache, layer, batch)
             out = attend(q, k_all, v_all, positions, batch.key_positions)
 
-        y = self.o(out.reshape(b, t, n_q * d))
-        if self.axis_name is not None:
-            y = jax.lax.psum(y, self.axis_name)
-        return y, cache
+        if self.axis_name is None:
+            return self.o(out.reshape(b, t, n_q * d)), cache
+        # Row-parallel o: each rank's fp32 partial sum is reduced, then rounded once, like the
+        # single-device matmul's fp32 accumulator (a bf16 reduction would round tp + 1 times).
+        y = self.o(out.reshape(b, t, n_q * d), out_dtype=jnp.float32)
+        return jax.lax.psum(y, self.axis_name).astype(x.dtype), cache

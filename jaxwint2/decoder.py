@@ -52,9 +52,11 @@ class DecoderLayer(nnx.Module):
         """``x [B, T, H]`` -> ``(x', cache')``; ``kv`` = ``(cache, layer_index, batch)``."""
         y, cache = self.attn(self.input_norm(x), positions, kv)
         h = x + y
-        f = self.mlp(self.post_attention_norm(h))
-        if self.dense_tp_sum is not None:
-            f = jax.lax.psum(f, self.dense_tp_sum)
+        if self.dense_tp_sum is None:
+            f = self.mlp(self.post_attention_norm(h))
+        else:  # row-parallel down: fp32 partial sums reduced, rounded once (as in attention)
+            f = self.mlp(self.post_attention_norm(h), out_dtype=jnp.float32)
+            f = jax.lax.psum(f, self.dense_tp_sum).astype(h.dtype)
         return h + f, cache
 
 

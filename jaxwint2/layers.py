@@ -155,5 +155,5 @@ class SwiGLU(nnx.Module):
         self.up_gate = Linear(params["up_gate"], fmt)
         self.down = Linear(params["down"], fmt)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(self.up_gate(x, activation="swiglu"))
+    def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
+        return self.down(self.up_gate(x, activation="swiglu"), out_dtype=out_dtype)
