@@ -7,6 +7,7 @@ kernels' own exactness tests live with the kernels; this checks the model's wiri
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_params
@@ -21,6 +22,11 @@ CFG = ErnieConfig.tiny(QuantConfig(dense="wint8", moe="wint2"), num_hidden_layer
 def test_kernels_switch_maps_to_implementations():
     assert [implementation_for(k) for k in ("pallas", "reference", "auto")] == [
         "pallas", "xla", None]
+    # "auto" keeps fp32 activations on the exact path; naming "pallas" always means the kernels.
+    f32, b16 = jnp.zeros((1, 64), jnp.float32), jnp.zeros((1, 64), jnp.bfloat16)
+    assert WeightFormat("wint2")._implementation_for(f32) == "xla"
+    assert WeightFormat("wint2")._implementation_for(b16) is None
+    assert WeightFormat("wint2", "pallas")._implementation_for(f32) == "pallas"
     with pytest.raises(ValueError, match="kernels"):
         WeightFormat("wint2", kernels="triton")
     with pytest.raises(ValueError, match="k_order"):
