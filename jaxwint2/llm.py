@@ -55,7 +55,7 @@ class LLM:
     Args:
       model: checkpoint directory (converted, Paddle or HF); ``None`` = the embedded demo model
         (:func:`jaxwint2.demo.ensure_demo_model`).
-      tensor_parallel_size: devices (only 1 for now).
+      tensor_parallel_size: devices to shard the model over (:mod:`jaxwint2.parallel`).
       kernels: ``"pallas"``, ``"reference"`` or ``"auto"``.
       dtype: compute dtype, ``"bfloat16"`` or ``"float32"``.
       tokenizer: directory with ``tokenizer.model`` (default: ``model``).
