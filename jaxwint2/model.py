@@ -41,6 +41,11 @@ from .decoder import LayerStack, layer_groups, stack_layers
 from .formats import WeightFormat, implementation_for
 from .layers import Embedding, Linear, LMHead, RMSNorm
 
+try:  # public in jax 0.10 / 0.11; kept behind a fallback in case it moves
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
 DTYPES = ("bfloat16", "float32")
 
 
@@ -167,7 +172,7 @@ class ErnieForCausalLM(nnx.Module):
 
     def __call__(self, token_ids, positions=None) -> jax.Array:
         """``model(token_ids)``: :meth:`forward`, compiled once per shape when called eagerly."""
-        if isinstance(token_ids, jax.core.Tracer) or isinstance(positions, jax.core.Tracer):
+        if isinstance(token_ids, _Tracer) or isinstance(positions, _Tracer):
             return self.forward(token_ids, positions)
         token_ids = _int_array("token_ids", token_ids, ndim=2)
         graphdef, state = nnx.split(self)
