@@ -86,7 +86,7 @@ def check_matmul(fmt: str, *, grouped: bool, activation=None, row_scale: bool = 
     return s
 
 
-def check_wint2_decode_exact(*, interpret: bool, k: int = 256, n: int = 128, seed: int = 0,
+def check_wint2_decode_exact(*, interpret: bool, k: int = 128, n: int = 64, seed: int = 0,
                              k_order: str = "natural", config: TuningConfig | None = None) -> int:
     """One-hot rows of x read the decoded weights back: they must equal the exact decode.
 
