@@ -1,5 +1,6 @@
 """WINT2 encoder: round trip through the exact decode, decode exactness, quality, calibration."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from converters.bench_encode import relative_error, rtn_symmetric_4level, sample
 from converters.encode_codebooks import CANDIDATES, candidate_table, codebook, is_exact_pair
 from converters.encode_gptq import gptq_assign, hessian_from_activations
-from converters.encode_wint2 import assign, encode_wint2, quantize_scales
+from converters.encode_wint2 import assign, encode_wint2, quantize_scales, refine_nibbles
 from pallas_kernels import count_unfused_mismatches, decode_wint2, dequantize_wint2
 from pallas_kernels.wint2 import wint2_codes_exact
 
@@ -153,3 +154,21 @@ def test_rejects_bad_input():
         encode_wint2(np.zeros((100, 8), np.float32))
     with pytest.raises(ValueError, match="hessian"):
         encode_wint2(np.zeros((128, 8), np.float32), hessian=np.eye(64))
+
+
+def test_nibble_neighbour_search_never_increases_error():
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_t(5, (4, 3, 16, 4)), jnp.float32)
+    q = jnp.broadcast_to(codebook(*candidate_table(1)[:2])[0], (4, 256, 4))
+    ss = jnp.full((4,), 0.01, jnp.float32)
+    nib = jnp.full((4, 3), 7, jnp.int32)
+
+    def err(nb):
+        s = nb * ss[:, None]
+        idx = assign(x, q, s)
+        qa = jax.vmap(lambda qn, i: qn[i])(q.astype(jnp.float32), idx)
+        return float(((x - s[..., None, None] * qa) ** 2).sum())
+
+    new = refine_nibbles(x, q, nib, ss, rounds=2)
+    assert np.asarray(new).min() >= 1 and np.asarray(new).max() <= 15
+    assert err(new) <= err(nib) and not np.array_equal(np.asarray(new), np.asarray(nib))
