@@ -210,3 +210,63 @@ class LoopbackServer:
         self.server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()
+
+
+# ---- an engine without a model ----
+
+class FakeEngine:
+    """An :class:`~serve.engine.EngineClient` that streams canned outputs (serving-layer tests).
+
+    Args:
+      text: the completion every request gets, one character per token.
+      fail_after: raise ``failure`` after this many deltas (``None``: never).
+      failure: the exception raised mid-stream, or at ``submit`` when ``fail_after == -1``.
+
+    Example:
+      >>> app = create_app(FakeEngine("hello"), ByteTokenizer())
+    """
+
+    def __init__(self, text: str = "canned", *, fail_after: int | None = None,
+                 failure: BaseException | None = None, max_model_len: int = 256):
+        from .engine import EngineError
+
+        self.text = text
+        self.fail_after = fail_after
+        self.failure = failure or EngineError("fake engine failure")
+        self._max_model_len = max_model_len
+        self.submitted: list[tuple[list[int], object, str]] = []
+        self.aborted: list[str] = []
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    def submit(self, prompt_ids, params, request_id):
+        if self.fail_after == -1:
+            raise self.failure
+        self.submitted.append((list(prompt_ids), params, request_id))
+        return self._stream(len(prompt_ids), params, request_id)
+
+    async def _stream(self, n_prompt, params, request_id):
+        from .request import FinishReason, RequestOutput
+
+        text = self.text[:params.max_tokens]
+        for i, ch in enumerate(text):
+            if self.fail_after is not None and i == self.fail_after:
+                raise self.failure
+            last = i == len(text) - 1
+            reason = (FinishReason.LENGTH if len(text) == params.max_tokens else
+                      FinishReason.STOP) if last else None
+            yield RequestOutput(request_id, (ord(ch),), ch, n_prompt, i + 1, reason)
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def stats(self):
+        from .engine import EngineStats
+
+        return EngineStats(0, 0, 1, 0, 0, 0.0, 0, 0, 0, 0, 0)
