@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from converters.bench_encode import relative_error, rtn_symmetric_4level, sample
-from converters.encode_codebooks import CANDIDATES, candidate_table, codebook, is_exact_pair
+from converters.encode_codebooks import (
+    CANDIDATES,
+    candidate_table,
+    codebook,
+    is_exact_pair,
+    search,
+)
 from converters.encode_gptq import gptq_assign, hessian_from_activations
 from converters.encode_wint2 import assign, encode_wint2, quantize_scales, refine_nibbles
 from pallas_kernels import count_unfused_mismatches, decode_wint2, dequantize_wint2
@@ -172,3 +178,12 @@ def test_nibble_neighbour_search_never_increases_error():
     new = refine_nibbles(x, q, nib, ss, rounds=2)
     assert np.asarray(new).min() >= 1 and np.asarray(new).max() <= 15
     assert err(new) <= err(nib) and not np.array_equal(np.asarray(new), np.asarray(nib))
+
+
+def test_codebook_search_ranks_exact_pairs():
+    rows = search(cs_range=(120.9, 121.0), zp_values=np.array([64.1328125, 876.9453125, 50.0]),
+                  n_samples=256)
+    assert len(rows) == 2 * 7  # cs in 120.90625..121.0 (x64: 7 values) x the two exact zps
+    errs = [r[2] for r in rows]
+    assert errs == sorted(errs) and all(is_exact_pair(c, z) for c, z, _ in rows)
+    assert 0.08 < errs[0] < 0.2
