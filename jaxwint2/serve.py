@@ -49,8 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt tokens of one request per step (chunked prefill)")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests beyond which new ones get 503")
-    p.add_argument("--warmup", choices=("none", "minimal", "all"), default="all",
-                   help="shapes compiled before /health turns ready")
+    p.add_argument("--warmup", choices=("auto", "none", "minimal", "all"), default="auto",
+                   help="shapes compiled before /health turns ready (auto: all on an "
+                        "accelerator, minimal on CPU, where each compilation is slow)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -58,8 +59,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import jax
+
     from serve.app import run
     from serve.engine import EngineConfig, load_engine
+
+    warmup = args.warmup
+    if warmup == "auto":
+        warmup = "minimal" if jax.default_backend() == "cpu" else "all"
 
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
@@ -67,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
         max_prefill_chunk=min(args.max_prefill_chunk, args.max_num_batched_tokens),
         max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching,
-        warmup=args.warmup)
+        warmup=warmup)
     name = args.served_model_name or (pathlib.Path(args.model).name if args.model
                                       else "ernie-4.5-demo")
     loader = functools.partial(load_engine, args.model, kernels=args.kernels,
