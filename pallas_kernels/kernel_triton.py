@@ -202,6 +202,23 @@ def interleave_planes(planes: list[jax.Array]) -> jax.Array:
     return jnp.transpose(w, (0, 3, 2, 1)).reshape(4 * r, bn)
 
 
+def _out_struct(shape, dtype, *, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """The output's ShapeDtypeStruct, varying over the same mesh axes as ``like`` (x's rows).
+
+    Needed under ``shard_map(check_vma=True)``. The field is ``manual_axis_type`` (aval ``mat``)
+    on jax 0.10 and ``vma`` on versions that spell it so; outside shard_map it is empty.
+    """
+    aval = jax.typeof(like)
+    for aval_attr, kwarg in (("mat", "manual_axis_type"), ("vma", "vma")):
+        value = getattr(aval, aval_attr, None)
+        if value is not None:
+            try:
+                return jax.ShapeDtypeStruct(shape, dtype, **{kwarg: value})
+            except (TypeError, ValueError):  # this jax spells the field differently
+                continue
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _precision(dtype):
     # An explicit algorithm: jax 0.11 lowers Precision.HIGHEST to TF32 inside Triton kernels.
     return jax.lax.DotAlgorithmPreset.F32_F32_F32 if dtype == jnp.float32 else None
@@ -229,7 +246,7 @@ def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...],
     args = (*tiles, x_planes, *weights, *(() if row_scale is None else (row_scale,)))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n_out), out_dtype),
+        out_shape=_out_struct((m, n_out), out_dtype, like=x_planes),
         grid=(n_out // cfg.block_n, tiles[0].shape[0]),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),

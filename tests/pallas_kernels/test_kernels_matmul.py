@@ -69,7 +69,7 @@ class _KernelTests:
         x = jax.random.normal(jax.random.key(8), (32, 128), jnp.bfloat16)
         f = jax.shard_map(lambda x: kernels.quant_matmul(x, w, interpret=self.INTERPRET,
                                                          fmt="wint4"),
-                          mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=False)
+                          mesh=mesh, in_specs=P("x"), out_specs=P("x"))
         checks.assert_close(jax.jit(f)(x), reference.quant_matmul_reference(x, w, fmt="wint4"))
 
 
