@@ -13,7 +13,6 @@ WINT8 ``o`` has K = 256, so FastDeploy's int8 layout (K % 64 per rank) can be wr
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import sys
@@ -32,13 +31,13 @@ def tp_config(**kw):
 
 
 def greedy(model, prompts: np.ndarray = PROMPTS, new: int = NEW_TOKENS, *,
-           prefill: bool = False, force: np.ndarray | None = None, block_size: int = 4):
+           force: np.ndarray | None = None, block_size: int = 4):
     """Greedy decoding through ``model.step_jit``: ``(choices [B, new], logits [B, S, V])``.
 
-    The prompt goes in one token per step (one compilation: the decode shape), or as one
-    prefill chunk when ``prefill``. ``logits[:, p]`` are the fp32 logits after position ``p``;
-    ``choices`` the argmax at each generated position. ``force`` (teacher forcing) feeds those
-    tokens instead of the model's own choices, so two models see the same contexts.
+    One token per step, the prompt's too (one compilation: the decode shape). ``logits[:, p]``
+    are the fp32 logits after position ``p``; ``choices`` the argmax at each generated
+    position. ``force`` (teacher forcing) feeds those tokens instead of the model's own choices,
+    so two models see the same contexts.
     """
     b, t0 = prompts.shape
     per_seq = -(-(t0 + new) // block_size)
@@ -46,29 +45,16 @@ def greedy(model, prompts: np.ndarray = PROMPTS, new: int = NEW_TOKENS, *,
     tables = np.arange(b * per_seq, dtype=np.int32).reshape(b, per_seq)
     seq = np.concatenate([prompts, np.zeros((b, new), np.int32)], axis=1)
     choices = np.zeros((b, new), np.int32)
-    logits, pos = [], 0
-
-    def choose(pos: int, out: np.ndarray) -> None:  # out: logits after position pos
-        j = pos + 1 - t0
-        if j >= 0:
-            choices[:, j] = out.argmax(-1)
-            seq[:, pos + 1] = choices[:, j] if force is None else force[:, j]
-
-    if prefill:
-        positions = np.broadcast_to(np.arange(t0, dtype=np.int32), (b, t0))
-        out, cache = model.step_jit(prompts, positions, tables, cache)
-        out = np.asarray(out)  # [B, T, V]
-        logits += [out[:, t] for t in range(t0)]
-        pos = t0 - 1
-        choose(pos, out[:, -1])
-        pos += 1
-    while pos < t0 + new - 1:
+    logits = []
+    for pos in range(t0 + new - 1):
         out, cache = model.step_jit(seq[:, pos:pos + 1], np.full((b, 1), pos, np.int32), tables,
                                     cache, logits_at=np.zeros(b, np.int32))
         out = np.asarray(out)  # [B, V]
         logits.append(out)
-        choose(pos, out)
-        pos += 1
+        j = pos + 1 - t0
+        if j >= 0:
+            choices[:, j] = out.argmax(-1)
+            seq[:, pos + 1] = choices[:, j] if force is None else force[:, j]
     return choices, np.stack(logits, axis=1)
 
 
@@ -192,9 +178,10 @@ def checkpoints(tmp: pathlib.Path, dtype: str) -> None:
     """Loads at TP 1, 2, 4 and 8 of a TP1 Paddle checkpoint and of FastDeploy ``rank*/``
     checkpoints written at TP 2 and 4 match the TP1 model built from the same tree.
 
-    fp32 (activations; weights stay WINT2/4/8): prefill + free-running greedy decode, logits
-    near-exact and identical tokens. bf16: teacher-forced decode, logits within the bf16
-    tolerance and identical firm greedy choices (:func:`check_firm_choices`).
+    fp32 (activations; weights stay WINT2/4/8): free-running greedy decode, logits near-exact
+    and identical tokens. bf16: teacher-forced decode, logits within the bf16 tolerance and
+    identical firm greedy choices (:func:`check_firm_choices`). One token per step: one
+    compilation per size (prefill chunks under TP: :func:`shards`' ``generate``).
     """
     import converters
     import jaxwint2
@@ -203,8 +190,7 @@ def checkpoints(tmp: pathlib.Path, dtype: str) -> None:
     cfg = tp_config()
     params = random_params(cfg, seed=1)
     f32 = dtype == "float32"
-    run = functools.partial(greedy, prefill=f32)
-    want_tokens, want_logits = run(_reference(cfg, params, dtype))
+    want_tokens, want_logits = greedy(_reference(cfg, params, dtype))
     print(f"TP1 reference tokens {want_tokens.tolist()}")
     sources = {n: converters.write_paddle_checkpoint(
         cfg, params, tmp / f"paddle-tp{n}", tp_size=n, bf16_header="U16") for n in (1, 2, 4)}
@@ -214,7 +200,7 @@ def checkpoints(tmp: pathlib.Path, dtype: str) -> None:
             model = jaxwint2.load(path, tensor_parallel_size=tp, kernels="reference",
                                   dtype=dtype)
             name = f"tp{n}-source -> TP{tp} {dtype}"
-            tokens, logits = run(model, force=None if f32 else want_tokens)
+            tokens, logits = greedy(model, force=None if f32 else want_tokens)
             compare(f"{name} logits", logits, want_logits, dtype)
             if f32:
                 assert np.array_equal(tokens, want_tokens), (name, tokens, want_tokens)
