@@ -138,6 +138,13 @@ def shards(tmp: pathlib.Path) -> None:
                     assert data.dtype == want.dtype and np.array_equal(data, want), \
                         f"tp={tp} {part}/{'/'.join(keys)} rank {r}: shard != split_tp slice"
         print(f"shards tp={tp}: every shard equals its split_tp slice")
+        # the GPU benchmark's on-device synthetic weights have these global shapes (traced)
+        from jaxwint2.bench_tp import synthetic_sharded_params
+
+        synth = jax.eval_shape(lambda mesh=mesh: synthetic_sharded_params(cfg, mesh))
+        assert jax.tree.structure(synth) == jax.tree.structure(sharded)
+        for a, b in zip(jax.tree.leaves(synth), jax.tree.leaves(sharded), strict=True):
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), (a, b)
 
     model = parallel.TPModel(cfg, parallel.shard_params(cfg, _parts(cfg, params),
                                                         parallel.make_mesh(8)),
