@@ -80,20 +80,25 @@ def test_incremental_detokenizer_matches_full_decode(tok):
     assert all("\ufffd" not in d for d in deltas)
 
 
+# Every generation below runs 2 rows with prompts under 16 tokens: one compiled prefill and one
+# compiled decode step serve the whole module.
+
+
 def test_llm_chat_greedy_is_reproducible_and_respects_max_tokens(llm):
-    messages = [{"role": "user", "content": "What is a river?"}]
+    chats = [[{"role": "user", "content": "What is a river?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]]
     sp = SamplingParams(temperature=0.0, max_tokens=6)
-    a = llm.chat(messages, sp)[0]
-    b = llm.chat(messages, sp)[0]
-    assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    assert a.prompt_token_ids == llm.tokenizer.encode(
-        llm.tokenizer.apply_chat_template(messages))
-    out = a.outputs[0]
+    a = llm.chat(chats, sp)
+    b = llm.chat(chats, sp)
+    assert [r.outputs[0].token_ids for r in a] == [r.outputs[0].token_ids for r in b]
+    assert a[0].prompt_token_ids == llm.tokenizer.encode(
+        llm.tokenizer.apply_chat_template(chats[0]))
+    out = a[0].outputs[0]
     assert len(out.token_ids) <= 6 and out.text == llm.tokenizer.decode(out.token_ids)
     assert out.finish_reason == ("length" if len(out.token_ids) == 6 else "stop")
-    # Same request through generate() with token ids.
-    c = llm.generate({"prompt_token_ids": a.prompt_token_ids}, sp)[0]
-    assert c.outputs[0].token_ids == out.token_ids
+    # The same requests through generate() with token ids.
+    c = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in a], sp)
+    assert [r.outputs[0].token_ids for r in c] == [r.outputs[0].token_ids for r in a]
 
 
 def test_llm_seeds_n_and_stop_strings(llm):
