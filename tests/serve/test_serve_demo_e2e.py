@@ -13,7 +13,7 @@ from serve.app import create_app
 from serve.engine import EngineConfig, load_engine
 from serve.testing import LoopbackServer
 
-CONFIG = EngineConfig(max_num_seqs=64, max_model_len=160, block_size=16, num_blocks=1024,
+CONFIG = EngineConfig(max_num_seqs=64, max_model_len=160, block_size=16, num_blocks=256,
                       max_num_batched_tokens=128, max_prefill_chunk=32, max_prefill_seqs=4,
                       decode_buckets=(64,), prefill_batch_buckets=(4,), prefill_len_buckets=(32,),
                       block_buckets=(10,), warmup="all")
