@@ -4,6 +4,9 @@
 from .convert import Summary as Summary
 from .convert import convert_checkpoint as convert_checkpoint
 
+# ---- WINT2 (CCQ) encoder ----
+from .encode_wint2 import encode_wint2 as encode_wint2
+
 # ---- errors: bad input, with a one-line reason naming file and tensor ----
 from .errors import CheckpointError as CheckpointError
 
@@ -13,6 +16,9 @@ from .loader import load_checkpoint as load_checkpoint
 
 # ---- writing Paddle-layout checkpoints (fixtures, demo, quantizer) ----
 from .paddle_writer import write_paddle_checkpoint as write_paddle_checkpoint
+
+# ---- bf16 -> w4w2 checkpoint quantizer (python -m jaxwint2.quantize) ----
+from .quantizer import quantize_checkpoint as quantize_checkpoint
 
 # ---- reading source checkpoints ----
 from .reader import SourceCheckpoint as SourceCheckpoint
@@ -28,7 +34,3 @@ from .weight_only import dequantize_weight_only as dequantize_weight_only
 from .weight_only import pack_weight_only as pack_weight_only
 from .weight_only import quantize_weight_only as quantize_weight_only
 from .weight_only import unpack_weight_only as unpack_weight_only
-
-# ---- WINT2 (CCQ) encoder and checkpoint quantizer ----
-from .encode_wint2 import encode_wint2 as encode_wint2
-from .quantize_checkpoint import quantize_checkpoint as quantize_checkpoint

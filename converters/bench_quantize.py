@@ -2,7 +2,7 @@
 
 Owns the model-level quality report of the quantizer: a bf16 checkpoint (by default a tiny random
 ``transformers`` ERNIE-4.5 MoE saved with ``save_pretrained``) is quantized part by part
-(:func:`converters.quantize_checkpoint.quantize_part`) into several expert formats, every variant
+(:func:`converters.quantizer.quantize_part`) into several expert formats, every variant
 is run with ``jaxwint2``'s model (reference kernels, fp32 activations), and the logits are
 compared with the bf16 model's on text the bf16 model itself sampled (so perplexity means
 something even for random weights). One JSON line per variant:
@@ -32,7 +32,7 @@ from jaxwint2.config import QuantConfig
 from jaxwint2.model import ErnieForCausalLM
 
 from .loader import load_checkpoint
-from .quantize_checkpoint import quantize_part
+from .quantizer import quantize_part
 
 
 def variants(first_moe: int) -> dict[str, QuantConfig]:

@@ -2,7 +2,7 @@
 
 Owns the search for bytes and scales whose fixed decode (``wint2-format.md`` §3.1, implemented in
 :mod:`pallas_kernels.wint2`) best matches a weight matrix. It knows the checkpoint layout of the
-five tensors and nothing about models, files or tensor names; :mod:`converters.quantize_checkpoint`
+five tensors and nothing about models, files or tensor names; :mod:`converters.quantizer`
 calls it once per linear.
 
 The decoded weight is ``q[u, t] * nib[g] * super_scale`` where the 4-tuple ``q[u, :]`` of byte

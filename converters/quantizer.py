@@ -20,6 +20,7 @@ and the Paddle writer do) nor the WINT2 search (the encoder does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import shutil
@@ -29,13 +30,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jaxwint2 import checkpoint
 from jaxwint2.config import ErnieConfig, QuantConfig
 from jaxwint2.layout import linear_format
-from pallas_kernels.wint2 import decode_wint2
+from pallas_kernels.reference import dequantize
 
 from .convert import AUX_FILES
 from .encode_wint2 import EFFORT, encode_wint2
@@ -45,6 +47,8 @@ from .paddle_writer import write_paddle_checkpoint
 
 Tree = dict[str, Any]
 BF16 = ml_dtypes.bfloat16
+MAX_ENCODE_WEIGHTS = 1 << 30
+"""Stacked experts are WINT2-encoded side by side in batches of at most this many weights."""
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 """Absmax fractions tried for the WINT8/WINT4 per-column scale (least squared error wins)."""
 
@@ -110,31 +114,39 @@ def quantize_linear(weight, fmt: str, *, hessian=None, k_order: str = "natural",
         return quantize_weight_only_runtime(w, bits=8 if fmt == "wint8" else 4)
     if fmt != "wint2":
         raise ValueError(f"unknown weight format {fmt!r}")
-    if w.ndim == 3:  # [E, K, N] -> [K, E*N] -> per expert
+    if w.ndim == 3:  # [E, K, N] -> [K, E'*N] per batch of E' experts -> per expert
         e, k, n = w.shape
-        flat = encode_wint2_runtime(np.moveaxis(w, 0, 1).reshape(k, e * n), k_order=k_order,
-                                    effort=effort)
-        return {key: np.moveaxis(v.reshape(*v.shape[:-1], e, n), -2, 0)
-                for key, v in flat.items()}
+        step = max(1, MAX_ENCODE_WEIGHTS // (k * n))
+        parts = []
+        for e0 in range(0, e, step):
+            we = w[e0:e0 + step]
+            flat = encode_wint2_runtime(np.moveaxis(we, 0, 1).reshape(k, -1), k_order=k_order,
+                                        effort=effort)
+            parts.append({key: np.moveaxis(v.reshape(*v.shape[:-1], len(we), n), -2, 0)
+                          for key, v in flat.items()})
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     return encode_wint2_runtime(w, hessian=hessian, k_order=k_order, effort=effort)
 
 
-_decode_wint2 = jax.jit(decode_wint2, static_argnames=("k_order", "dtype"))
+@functools.partial(jax.jit, static_argnames=("fmt", "k_order"))
+def _error_sums(w, lin, fmt: str, k_order: str):
+    """``(sum (W - W_hat)^2, sum W^2)`` of one (unstacked) linear, on the device, in f32."""
+    w = w.astype(jnp.float32)
+    wh = dequantize(lin, fmt, k_order=k_order, dtype=jnp.float32)
+    return jnp.sum((w - wh) ** 2), jnp.sum(w * w)
 
 
-def dequantize_runtime(lin: dict[str, np.ndarray], fmt: str, k_order: str = "natural"
-                       ) -> np.ndarray:
-    """Runtime ``<linear>`` -> f32 weights (the reference decodes; used for error reports)."""
-    if fmt == "wint2":
-        w = _decode_wint2(*(lin[k] for k in ("quant_weight", "weight_scale", "super_scales",
-                                             "code_scale", "code_zp")), k_order=k_order)
-        return np.asarray(w, np.float32)
-    scale = np.asarray(lin["weight_scale"]).astype(np.float32)[..., None, :]
-    q = np.asarray(lin["quant_weight"])
-    if fmt == "wint4":  # [..., K/2, N] nibbles, row 2i low -> [..., K, N]
-        q = np.stack([(q & 0xF).astype(np.int8) - 8, (q >> 4).astype(np.int8) - 8], axis=-2)
-        q = q.reshape(*q.shape[:-3], -1, q.shape[-1])
-    return (q.astype(np.float32) * scale).astype(BF16).astype(np.float32)
+def relative_error(weight, lin: dict[str, np.ndarray], fmt: str, k_order: str = "natural"
+                   ) -> float:
+    """``||W - W_hat||^2 / ||W||^2`` of a runtime linear against its source, expert by expert."""
+    w = np.asarray(weight)
+    stacked = w.ndim == 3
+    num = den = 0.0
+    for e in range(w.shape[0] if stacked else 1):
+        sl = (lambda a, e=e: a[e]) if stacked else (lambda a: a)
+        n_, d_ = _error_sums(sl(w), {k: sl(np.asarray(v)) for k, v in lin.items()}, fmt, k_order)
+        num, den = num + float(n_), den + float(d_)
+    return num / max(den, 1e-30)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,10 +214,8 @@ def _is_linear_spec(spec: Tree) -> bool:
 
 
 def _report(path, fmt, w, lin, k_order, h) -> LinearReport:
-    w = np.asarray(w, np.float64)
-    wh = dequantize_runtime(lin, fmt, k_order)
-    err = float(((w - wh) ** 2).sum() / max((w * w).sum(), 1e-30))
-    return LinearReport(path, fmt, tuple(w.shape), err, h is not None)
+    err = relative_error(w, lin, fmt, k_order)
+    return LinearReport(path, fmt, tuple(np.shape(w)), err, h is not None)
 
 
 # --------------------------------------------------------------------------------------------

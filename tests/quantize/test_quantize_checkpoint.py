@@ -8,8 +8,9 @@ import pytest
 
 import converters
 import jaxwint2
+from converters import quantizer
 from converters.encode_gptq import hessian_from_activations
-from converters.quantize_checkpoint import LinearReport, quantize_part
+from converters.quantizer import LinearReport, quantize_linear, quantize_part
 from converters.safetensors_io import SafetensorsFile
 from jaxwint2 import QuantConfig
 from jaxwint2.quantize import main
@@ -155,3 +156,17 @@ def test_cli_errors_leave_nothing_behind(ckpts, tmp_path, capsys):
                  "--calibration", str(bad), "--no-progress"]) == 2
     assert "not a WINT2 linear" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_stacked_experts_encode_like_single_experts(monkeypatch):
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((3, 64, 32)) * 0.02).astype(np.float32)
+    whole = quantize_linear(w, "wint2", effort="fast")
+    monkeypatch.setattr(quantizer, "MAX_ENCODE_WEIGHTS", 2 * 64 * 32)  # batches 2 + 1
+    batched = quantize_linear(w, "wint2", effort="fast")
+    single = converters.encode_wint2(w[2], effort="fast")
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], batched[key])
+        np.testing.assert_array_equal(whole[key][2], np.asarray(single[key]).astype(
+            whole[key].dtype))
+    assert whole["super_scales"].dtype == np.float32  # runtime layout widens bf16
