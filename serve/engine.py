@@ -53,7 +53,8 @@ class EngineConfig:
       max_num_seqs: requests decoded together at most.
       max_model_len: prompt + output tokens of one request.
       block_size: tokens per KV-cache block.
-      kv_cache_bytes: memory budget of the KV cache; ``num_blocks`` is derived from it.
+      kv_cache_bytes: memory budget of the KV cache; ``num_blocks`` is derived from it (capped at
+        ``max_num_seqs`` requests of ``max_model_len`` tokens).
       num_blocks: explicit block count (overrides ``kv_cache_bytes``).
       max_num_batched_tokens: tokens per step (decodes plus prefill chunks).
       max_prefill_chunk: prompt tokens of one request per step (chunked prefill).
@@ -164,8 +165,11 @@ class Engine:
         self.vocab_size = int(self.model_config.vocab_size)
         self.eos_ids = frozenset(getattr(tokenizer, "stop_token_ids", None)
                                  or {tokenizer.eos_token_id})
-        self.num_blocks = config.num_blocks or num_blocks_for_budget(
-            config.kv_cache_bytes, self.bytes_per_block)
+        # A budget beyond every running request at full length could only hold prefix-cache
+        # entries; cap it there (an explicit num_blocks is taken as given).
+        self.num_blocks = config.num_blocks or min(
+            num_blocks_for_budget(config.kv_cache_bytes, self.bytes_per_block),
+            config.max_num_seqs * config.max_blocks_per_seq)
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
