@@ -207,17 +207,34 @@ def _global(mesh: Mesh, spec: P, shards: list[jax.Array]) -> jax.Array:
     return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, spec), shards)
 
 
-def _stack(mesh: Mesh, spec: dict, layers: list[dict]) -> dict:
-    """Per-layer global arrays -> one array per leaf with a leading (unsharded) layer axis: one
-    SPMD program per run of layers, so every rank stacks its own slices on its own device."""
-    return _stack_program(mesh, tuple(spec.items()))(layers)
+class _RunBuffer:
+    """The stacked leaves of one run of layers, filled one layer at a time in place.
+
+    Allocated sharded (``P(None, *leaf_spec)``) when the run's first layer arrives; each layer
+    is written with a donated ``dynamic_update_slice``, so device memory peaks at the stacked
+    run plus one layer (not twice the run, as stacking a list would).
+    """
+
+    def __init__(self, mesh: Mesh, spec: dict, layer: dict, n: int):
+        key = tuple((p, spec[p], layer[p].shape, layer[p].dtype.name) for p in spec)
+        alloc, self._insert = _run_programs(mesh, key, n)
+        self.leaves = alloc()
+        self.filled: set[int] = set()
+        self.n = n
+
+    def insert(self, index: int, layer: dict) -> None:
+        self.leaves = self._insert(self.leaves, layer, np.int32(index))
+        self.filled.add(index)
 
 
 @functools.lru_cache(maxsize=64)
-def _stack_program(mesh: Mesh, spec: tuple) -> Callable:
-    out = {p: NamedSharding(mesh, P(None, *s)) for p, s in spec}
-    return jax.jit(lambda ls: {p: jnp.stack([lay[p] for lay in ls]) for p in out},
-                   out_shardings=out)
+def _run_programs(mesh: Mesh, key: tuple, n: int) -> tuple[Callable, Callable]:
+    out = {p: NamedSharding(mesh, P(None, *spec)) for p, spec, _, _ in key}
+    alloc = jax.jit(lambda: {p: jnp.zeros((n, *shape), dtype) for p, _, shape, dtype in key},
+                    out_shardings=out)
+    insert = jax.jit(lambda st, lay, i: {p: jax.lax.dynamic_update_index_in_dim(
+        st[p], lay[p], i, 0) for p in out}, donate_argnums=(0,), out_shardings=out)
+    return alloc, insert
 
 
 def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh) -> Tree:
@@ -245,7 +262,7 @@ def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh
     groups = layer_groups(cfg)
     group_of = {i: g for g in groups for i in g}
     out: Tree = {"layer_stacks": [None] * len(groups)}
-    pending: dict[int, dict] = {}  # layer -> {path: global array}, until its run is complete
+    runs: dict[range, _RunBuffer] = {}
 
     for part, sub in parts:
         slices = {}
@@ -261,14 +278,18 @@ def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh
             out[part] = _unflat({p: _global(mesh, spec[p], shards[p]) for p in spec})
             continue
         g = group_of[i]
-        pending[i] = {p: _global(mesh, spec[p], shards[p]) for p in spec}
-        if all(j in pending for j in g):  # the run is complete: stack it, in place per rank
-            layers = [pending.pop(j) for j in g]
-            out["layer_stacks"][groups.index(g)] = _unflat(_stack(mesh, spec, layers))
+        layer = {p: _global(mesh, spec[p], shards[p]) for p in spec}
+        if g not in runs:
+            runs[g] = _RunBuffer(mesh, spec, layer, len(g))
+        runs[g].insert(i - g.start, layer)
+        del layer, shards
     missing = [p for p in checkpoint.part_names(cfg)
                if checkpoint.layer_index(p) is None and p not in out]
-    if missing or any(s is None for s in out["layer_stacks"]):
-        raise ValueError(f"parts missing from the checkpoint stream: {missing or 'layers'}")
+    missing += [f"layers/{i}" for g in groups for i in g
+                if g not in runs or i - g.start not in runs[g].filled]
+    if missing:
+        raise ValueError(f"parts missing from the checkpoint stream: {missing[:5]}")
+    out["layer_stacks"] = [_unflat(runs[g].leaves) for g in groups]
     return out
 
 
