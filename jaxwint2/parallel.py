@@ -303,10 +303,11 @@ class TPModel(nnx.Module):
 
     ``model(token_ids)``, ``step``, ``step_jit`` and ``init_cache`` behave exactly as on the TP1
     model, and like it this is an NNX module (``nnx.split`` / ``nnx.merge`` inside a caller's
-    jit work, as :func:`jaxwint2.generate` does); logits come back replicated (all-gathered over
-    the vocab), the KV cache is sharded
-    over kv heads (``[L, blocks, block_size, tp * n_kv_local, d]``: with ``n_kv < tp`` each rank
-    stores its replicated head).
+    jit work, as :func:`jaxwint2.generate` does). Logits come back replicated (all-gathered over
+    the vocab); the KV cache is sharded over kv heads (``[L, blocks, block_size,
+    tp * n_kv_local, d]``: with ``n_kv < tp`` each rank stores its replicated head). Partial
+    sums are all-reduced in fp32 and rounded once, so bf16 results differ from TP1 only by
+    summation order.
 
     Args:
       cfg: the TP1 model config.
