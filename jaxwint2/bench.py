@@ -210,9 +210,14 @@ def transformers_peer(cfg: ErnieConfig, *, prompt: int, new_tokens: int) -> list
 
     hf = Ernie4_5_MoeConfig(**{k: v for k, v in cfg.to_hf_config().items()
                                if k not in ("quantization_config", "architectures")})
-    with torch.device("meta"):
-        model = Ernie4_5_MoeForCausalLM(hf)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build bf16 directly: fp32 21B would not fit
+    try:
+        with torch.device("meta"):
+            model = Ernie4_5_MoeForCausalLM(hf)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device="cuda")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
