@@ -47,7 +47,7 @@ from . import kv_cache as kvc
 from .config import ErnieConfig
 from .decoder import layer_groups
 from .layout import linear_format
-from .model import ErnieForCausalLM
+from .model import ErnieForCausalLM, _Tracer
 
 AXIS = "tp"
 Tree = dict[str, Any]
@@ -359,7 +359,7 @@ class TPModel(nnx.Module):
 
     def __call__(self, token_ids, positions=None) -> jax.Array:
         """``model(token_ids)``: :meth:`forward`, compiled once per shape."""
-        if isinstance(token_ids, jax.core.Tracer) or isinstance(positions, jax.core.Tracer):
+        if isinstance(token_ids, _Tracer) or isinstance(positions, _Tracer):
             return self.forward(token_ids, positions)
         return self._programs.forward_jit(self._state, *_ints(token_ids),
                                           None if positions is None else _ints(positions)[0])
