@@ -8,5 +8,6 @@ against the real demo model in ``test_serve_demo_e2e.py``.
 
 def test_64_streams_with_disconnects_mock(make_mock_server, concurrency_check):
     with make_mock_server(max_num_seqs=64, max_num_batched_tokens=256,
-                          decode_buckets=(4, 64)) as served:
+                          decode_buckets=(4, 64), prefill_batch_buckets=(4,),
+                          prefill_len_buckets=(64,)) as served:
         concurrency_check(served, long_tokens=300)
