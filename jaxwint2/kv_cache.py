@@ -101,7 +101,9 @@ def write_layer(cache: KVCache, layer: jax.Array | int, k: jax.Array, v: jax.Arr
 def read_layer(cache: KVCache, layer: jax.Array | int,
                batch: PagedBatch) -> tuple[jax.Array, jax.Array]:
     """Gather each row's blocks of layer ``layer`` -> ``k, v [B, P*block_size, n_kv, d]``."""
-    k = cache.k[layer][batch.block_tables]  # [B, P, bs, n_kv, d]
-    v = cache.v[layer][batch.block_tables]
+    # One gather with the layer index folded in: slicing ``cache.k[layer]`` first would copy
+    # the whole layer (all blocks of every sequence) before picking this batch's blocks.
+    k = cache.k[layer, batch.block_tables]  # [B, P, bs, n_kv, d]
+    v = cache.v[layer, batch.block_tables]
     b, p, bs, nkv, d = k.shape
     return k.reshape(b, p * bs, nkv, d), v.reshape(b, p * bs, nkv, d)
