@@ -137,7 +137,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         summary.seconds = time.perf_counter() - t0
         meta = {**source_meta(ckpt, k_order), "summary": _summary_meta(summary)}
         checkpoint.write_meta(tmp, meta)
-        _replace(tmp, dst, force)
+        replace_dir(tmp, dst, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,11 +176,12 @@ def _signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)) -> Iterator[None]
                 signal.raise_signal(pending[0])
 
 
-def _replace(tmp: pathlib.Path, dst: pathlib.Path, force: bool) -> None:
+def replace_dir(tmp: pathlib.Path, dst: pathlib.Path, force: bool, *,
+                what: str = "the conversion") -> None:
     """Rename ``tmp`` to ``dst``; an existing ``dst`` (``force``) is moved aside, then removed."""
     if dst.exists():
         if not force:
-            raise CheckpointError(f"{dst}: appeared during the conversion; not replaced")
+            raise CheckpointError(f"{dst}: appeared during {what}; not replaced")
         old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
         dst.rename(old)
         tmp.rename(dst)

@@ -39,7 +39,7 @@ from jaxwint2.config import ErnieConfig, QuantConfig
 from jaxwint2.layout import linear_format
 from pallas_kernels.reference import dequantize
 
-from .convert import AUX_FILES
+from .convert import AUX_FILES, replace_dir
 from .encode_wint2 import EFFORT, encode_wint2
 from .errors import CheckpointError
 from .loader import iter_checkpoint
@@ -350,7 +350,7 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                                 num_shards=num_shards, bf16_header="BF16")
         bar.close()
         summary.copied_files = _copy_aux(pathlib.Path(src), tmp)
-        _replace(tmp, dst, force)
+        replace_dir(tmp, dst, force, what="quantization")
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -386,18 +386,6 @@ def _copy_aux(src: pathlib.Path, out: pathlib.Path) -> list[str]:
             shutil.copy2(src / name, out / name)
             copied.append(name)
     return copied
-
-
-def _replace(tmp: pathlib.Path, dst: pathlib.Path, force: bool) -> None:
-    if dst.exists():
-        if not force:
-            raise CheckpointError(f"{dst}: appeared during quantization; not replaced")
-        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dst)
 
 
 def _progress(total: int, enabled: bool):
