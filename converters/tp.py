@@ -29,7 +29,9 @@ import numpy as np
 
 from jaxwint2.checkpoint import layer_index, part_shapes
 from jaxwint2.config import ErnieConfig
+from jaxwint2.layout import flatten as _flatten
 from jaxwint2.layout import linear_format
+from jaxwint2.layout import unflatten as _unflatten
 from pallas_kernels.wint2 import GROUP_SIZE
 
 Tree = dict[str, Any]
@@ -227,24 +229,6 @@ def _merge_leaf(xs: list, plan: Plan, tp: int, where: str):
     return pack_nibbles(np.concatenate([unpack_nibbles(np.asarray(x), gs) for x in xs], axis=-2))
 
 
-def _flat(tree: Tree, prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
-
-
-def _unflat(flat: dict[tuple[str, ...], Any]) -> Tree:
-    tree: Tree = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
@@ -265,11 +249,11 @@ def split_tp(cfg: ErnieConfig, part: str, subtree: Tree, rank: int, tp: int) -> 
     if not 0 <= rank < tp:
         raise ValueError(f"rank {rank} not in 0..{tp - 1}")
     plans = _plans(cfg, part, tp)
-    flat = dict(_flat(subtree))
+    flat = dict(_flatten(subtree))
     if set(flat) != set(plans):
         raise ValueError(f"part {part!r}: leaves {sorted(flat)} differ from the layout's "
                          f"{sorted(plans)}")
-    return _unflat({p: _split_leaf(x, plans[p], rank, tp) for p, x in flat.items()})
+    return _unflatten({p: _split_leaf(x, plans[p], rank, tp) for p, x in flat.items()})
 
 
 def rank_shapes(cfg: ErnieConfig, part: str, rank: int, tp: int) -> Tree:
@@ -285,10 +269,10 @@ def merge_tp(cfg: ErnieConfig, part: str, subtrees: list[Tree]) -> Tree:
     """
     tp = len(subtrees)
     plans = _plans(cfg, part, tp)
-    flats = [dict(_flat(s)) for s in subtrees]
+    flats = [dict(_flatten(s)) for s in subtrees]
     for r, flat in enumerate(flats):
         if set(flat) != set(plans):
             raise ValueError(f"part {part!r} rank {r}: leaves {sorted(flat)} differ from the "
                              f"layout's {sorted(plans)}")
-    return _unflat({p: _merge_leaf([f[p] for f in flats], plan, tp, f"{part}/{'/'.join(p)}")
+    return _unflatten({p: _merge_leaf([f[p] for f in flats], plan, tp, f"{part}/{'/'.join(p)}")
                     for p, plan in plans.items()})

@@ -1,4 +1,4 @@
-"""``python -m jaxwint2.bench``: end-to-end speed and memory of a full-size model, synthetic weights.
+"""``python -m jaxwint2.bench``: end-to-end speed and memory of a full-size model (synthetic).
 
 The released checkpoints cannot be downloaded where this project is built, so this benchmark
 builds the real model *size* and layer mix directly in device memory: random packed bytes and
@@ -266,12 +266,11 @@ def main(argv=None) -> None:
     meta = {"model": args.model, "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "date": datetime.date.today().isoformat(),
             "kernels": args.kernels}
-    out = open(args.json, "a") if args.json else None
-    for r in rows:
-        line = json.dumps({**meta, **dataclasses.asdict(r)})
-        print(line)
-        if out:
-            out.write(line + "\n")
+    lines = [json.dumps({**meta, **dataclasses.asdict(r)}) for r in rows]
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write("".join(line + "\n" for line in lines))
     print(f"\n{meta}")
     print(f"{'measurement':45s} {'value':>12s}  unit    note")
     for r in rows:

@@ -60,16 +60,16 @@ def synthetic_sharded_params(cfg: ErnieConfig, mesh, seed: int = 0) -> dict:
     counter = iter(range(10**9))
 
     def build(part: str, local: dict, lead: tuple[int, ...] = ()) -> dict:
-        specs = dict(parallel._flat(parallel.part_specs(part, local)))
+        specs = dict(layout.flatten(parallel.part_specs(part, local)))
         out = {}
-        for path, s in parallel._flat(local):
+        for path, s in layout.flatten(local):
             spec = P(*([None] * len(lead)), *specs[path])
             shape = parallel._global_shape((*lead, *s.shape), spec, tp)
             name, seed_ = f"{part}/{'/'.join(path)}", seed * 7919 + next(counter)
             gen = jax.jit(lambda n=name, sh=shape, d=s.dtype.name, sd=seed_: _leaf(n, sh, d, sd),
                           out_shardings=NamedSharding(mesh, spec))
             out[path] = gen()
-        return parallel._unflat(out)
+        return layout.unflatten(out)
 
     params = {p: build(p, checkpoint.part_shapes(loc, p)) for p in checkpoint.part_names(loc)
               if checkpoint.layer_index(p) is None}

@@ -168,7 +168,8 @@ class ErnieConfig:
                               "only text ERNIE-4.5 MoE models are supported")
         moe_k = int(d.get("moe_k", 0) or 0)
         if n_experts and not 0 < moe_k <= n_experts:
-            raise ConfigError(f"config.json moe_k={moe_k} must be in 1..moe_num_experts={n_experts}")
+            raise ConfigError(f"config.json moe_k={moe_k} must be in "
+                              f"1..moe_num_experts={n_experts}")
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,

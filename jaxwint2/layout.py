@@ -15,7 +15,7 @@ Tree (``L`` layers, ``E`` experts, ``H`` hidden, ``V`` vocab; ``y = x @ W`` with
       attn/qkv/<linear>     K=H, N=(n_heads + 2 n_kv) * head_dim, columns [Q | K | V]
       attn/o/<linear>       K=n_heads * head_dim, N=H
       mlp/ (dense layer)    up_gate/<linear> K=H, N=2I, columns [gate | up];  down/<linear> K=I, N=H
-      mlp/ (MoE layer)      router/weight f32 [H, E];  router/bias f32 [E]  (e_score_correction_bias)
+      mlp/ (MoE layer)      router/weight f32 [H, E];  router/bias f32 [E]  (correction bias)
                             experts/up_gate/<linear, stacked [E, ...]>  K=H, N=2 I_e, [gate | up]
                             experts/down/<linear, stacked [E, ...]>     K=I_e, N=H
                             shared/up_gate, shared/down  (if moe_num_shared_experts; width
@@ -129,6 +129,26 @@ def param_shapes(cfg: ErnieConfig) -> Shapes:
     }
     if not cfg.tie_word_embeddings:
         tree["lm_head"] = {"weight": _s((cfg.hidden_size, cfg.vocab_size), jnp.bfloat16)}
+    return tree
+
+
+def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()):
+    """Yield ``(path, leaf)`` of a nested-dict tree, ``path`` a tuple of keys."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from flatten(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`: ``{path: leaf}`` -> nested dicts."""
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
     return tree
 
 

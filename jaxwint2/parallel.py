@@ -46,7 +46,9 @@ from . import checkpoint
 from . import kv_cache as kvc
 from .config import ErnieConfig
 from .decoder import layer_groups
+from .layout import flatten as _flatten
 from .layout import linear_format
+from .layout import unflatten as _unflatten
 from .model import ErnieForCausalLM, _Tracer
 
 AXIS = "tp"
@@ -184,24 +186,6 @@ def _global_shape(shape: tuple[int, ...], spec: P, tp: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _flat(tree: Tree, prefix: tuple[str, ...] = ()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, (*prefix, k))
-        else:
-            yield (*prefix, k), v
-
-
-def _unflat(flat: dict[tuple[str, ...], Any]) -> Tree:
-    tree: Tree = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _global(mesh: Mesh, spec: P, shards: list[jax.Array]) -> jax.Array:
     shape = _global_shape(tuple(shards[0].shape), spec, mesh.size)
     return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, spec), shards)
@@ -269,13 +253,13 @@ def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh
         for r, _ in mine:
             s = split_tp(cfg, part, sub, r, tp) if tp > 1 else sub
             checkpoint.check_part(loc, part, s)
-            slices[r] = dict(_flat(s))
-        spec = dict(_flat(part_specs(part, sub)))
+            slices[r] = dict(_flatten(s))
+        spec = dict(_flatten(part_specs(part, sub)))
         shards = {p: [jax.device_put(slices[r][p], d) for r, d in mine] for p in spec}
         del slices, sub
         i = checkpoint.layer_index(part)
         if i is None:
-            out[part] = _unflat({p: _global(mesh, spec[p], shards[p]) for p in spec})
+            out[part] = _unflatten({p: _global(mesh, spec[p], shards[p]) for p in spec})
             continue
         g = group_of[i]
         layer = {p: _global(mesh, spec[p], shards[p]) for p in spec}
@@ -289,7 +273,7 @@ def shard_params(cfg: ErnieConfig, parts: Iterable[tuple[str, Tree]], mesh: Mesh
                 if g not in runs or i - g.start not in runs[g].filled]
     if missing:
         raise ValueError(f"parts missing from the checkpoint stream: {missing[:5]}")
-    out["layer_stacks"] = [_unflat(runs[g].leaves) for g in groups]
+    out["layer_stacks"] = [_unflatten(runs[g].leaves) for g in groups]
     return out
 
 

@@ -4,6 +4,10 @@ Imports only jax and numpy: no Flax and nothing from ``jaxwint2`` (checked by a 
 """
 
 # ---- WINT2 bit format (exact spec) ----
+# ---- weight-only quantized matmuls (runtime layout: jaxwint2/layout.py) ----
+from .api import quant_grouped_matmul as quant_grouped_matmul
+from .api import quant_matmul as quant_matmul
+from .reference import dequantize as dequantize
 from .wint2 import GROUP_SIZE as GROUP_SIZE
 from .wint2 import count_unfused_mismatches as count_unfused_mismatches
 from .wint2 import decode_wint2 as decode_wint2
@@ -11,8 +15,3 @@ from .wint2 import dequantize_wint2 as dequantize_wint2
 from .wint2 import shuffle_k as shuffle_k
 from .wint2 import shuffled_k_index as shuffled_k_index
 from .wint2 import unshuffle_k as unshuffle_k
-
-# ---- weight-only quantized matmuls (runtime layout: jaxwint2/layout.py) ----
-from .api import quant_grouped_matmul as quant_grouped_matmul
-from .api import quant_matmul as quant_matmul
-from .reference import dequantize as dequantize

@@ -62,7 +62,7 @@ def _precision(x):
 
 
 def apply_epilogue(y: jax.Array, activation: Activation, row_scale: jax.Array | None):
-    """fp32 epilogue shared by references and kernels' spec: SwiGLU on ``[gate | up]``, row scale."""
+    """fp32 epilogue (the kernels' spec too): SwiGLU on ``[gate | up]``, then the row scale."""
     if activation == "swiglu":
         n = y.shape[-1] // 2
         y = jax.nn.silu(y[..., :n]) * y[..., n:]

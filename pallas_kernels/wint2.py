@@ -8,7 +8,7 @@ traced helpers here so that there is one decode in the code base.
 Layout (one expert; experts may be stacked on a leading axis ``E``)::
 
     quant_weight  uint8   [K/4, N]          byte p of column n holds K rows 4p..4p+3
-    weight_scale  uint8   [ceil(K/128), N]  two 4-bit group scales per byte, even group = high nibble
+    weight_scale  uint8   [ceil(K/128), N]  two 4-bit group scales a byte, even group = high nibble
     super_scales  bf16/f32 [N]              per-column scale of the 4-bit scales
     code_scale    f32     [N]               byte -> 15-bit code: floor(fma(u, cs, zp) + 0.5)
     code_zp       f32     [N]
@@ -142,7 +142,7 @@ def _permute_groups(w, axis, perm, view):
 
 
 def shuffled_k_index(k: int) -> np.ndarray:
-    """``idx`` with ``W_shuffled = W_natural[idx]`` along K (an int32 permutation of ``range(K)``)."""
+    """``idx`` with ``W_shuffled = W_natural[idx]`` along K (int32 permutation of ``range(K)``)."""
     return shuffle_k(np.arange(k, dtype=np.int32), axis=0)
 
 

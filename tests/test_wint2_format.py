@@ -74,7 +74,8 @@ def _spec_decode_one(u, cs, zp, t, nib, ss):
     # correctly rounded to fp32 (one rounding, as an FMA): round via float64 is exact enough
     # except at ties, which Fraction comparison settles.
     cand = f32(float(exact))
-    lo, hi = sorted([cand, np.nextafter(np.float32(cand), np.float32(np.inf if exact > Fraction(cand) else -np.inf))])
+    towards = np.float32(np.inf if exact > Fraction(cand) else -np.inf)
+    lo, hi = sorted([cand, np.nextafter(np.float32(cand), towards)])
     dlo, dhi = abs(exact - Fraction(float(lo))), abs(exact - Fraction(float(hi)))
     if dlo < dhi:
         r = lo
@@ -127,7 +128,8 @@ def test_nibble_order_even_group_high():
     ss = np.ones(n, np.float32)
     ws = np.array([[0x12, 0x12], [0x34, 0x34]], np.uint8)
     w = np.asarray(pk.dequantize_wint2(qw, ws, ss, cs, zp)).astype(np.float32)
-    base = np.asarray(pk.dequantize_wint2(qw, np.full_like(ws, 0x11), ss, cs, zp)).astype(np.float32)
+    ones = np.full_like(ws, 0x11)
+    base = np.asarray(pk.dequantize_wint2(qw, ones, ss, cs, zp)).astype(np.float32)
     for g, nib in enumerate([1, 2, 3, 4]):
         np.testing.assert_array_equal(w[64 * g:64 * (g + 1)], base[64 * g:64 * (g + 1)] * nib)
 

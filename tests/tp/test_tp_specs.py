@@ -72,7 +72,7 @@ def test_tp_specs_agree_with_split_tp(tp):
         full = checkpoint.get_part(params, part)
         ranks = [converters.split_tp(cfg, part, full, r, tp) for r in range(tp)]
         checkpoint.check_part(loc, part, ranks[0])
-        flat_specs = dict(parallel._flat(parallel.part_specs(part, full)))
+        flat_specs = dict(layout.flatten(parallel.part_specs(part, full)))
         for path, spec in flat_specs.items():
             leaf = full
             slices = ranks
