@@ -162,6 +162,20 @@ class OpenAIServing:
             for t in tasks:
                 t.cancel()
 
+    @classmethod
+    async def collect(cls, subs: Sequence[SubRequest]
+                      ) -> tuple[list[str], list[str | None], int]:
+        """Drain all sub-requests: per-choice text and finish reason, total output tokens."""
+        texts = [""] * len(subs)
+        reasons: list[str | None] = [None] * len(subs)
+        num_output = 0
+        async for index, out in cls.merge(subs):
+            texts[index] += out.text
+            if out.finished:
+                reasons[index] = finish_reason(out.finish_reason)
+                num_output += out.num_output_tokens
+        return texts, reasons, num_output
+
     @staticmethod
     def usage(prompt_lens: Sequence[int], num_output_tokens: int) -> UsageInfo:
         prompt = sum(prompt_lens)

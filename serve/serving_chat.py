@@ -50,14 +50,7 @@ class OpenAIServingChat(OpenAIServing):
         return await self._full(req, request_id, subs, len(prompt))
 
     async def _full(self, req, request_id, subs, prompt_len) -> ChatCompletionResponse:
-        texts = [""] * len(subs)
-        reasons: list[str | None] = [None] * len(subs)
-        num_output = 0
-        async for index, out in self.merge(subs):
-            texts[index] += out.text
-            if out.finished:
-                reasons[index] = finish_reason(out.finish_reason)
-                num_output += out.num_output_tokens
+        texts, reasons, num_output = await self.collect(subs)
         choices = [ChatCompletionChoice(index=i, message=ChatMessageOut(content=texts[i]),
                                         finish_reason=reasons[i]) for i in range(len(subs))]
         return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices,

@@ -40,14 +40,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return await self._full(request_id, subs, lens)
 
     async def _full(self, request_id, subs, lens) -> CompletionResponse:
-        texts = [""] * len(subs)
-        reasons: list[str | None] = [None] * len(subs)
-        num_output = 0
-        async for index, out in self.merge(subs):
-            texts[index] += out.text
-            if out.finished:
-                reasons[index] = finish_reason(out.finish_reason)
-                num_output += out.num_output_tokens
+        texts, reasons, num_output = await self.collect(subs)
         choices = [CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i])
                    for i in range(len(subs))]
         return CompletionResponse(id=request_id, model=self.model_name, choices=choices,
