@@ -50,13 +50,16 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv=None):
         """``x [B, T, H]`` -> ``(x', cache')``; ``kv`` = ``(cache, layer_index, batch)``."""
-        y, cache = self.attn(self.input_norm(x), positions, kv)
+        # Named scopes label the compiled ops by phase (``jaxwint2.profile`` groups by them).
+        with jax.named_scope("attention"):
+            y, cache = self.attn(self.input_norm(x), positions, kv)
         h = x + y
-        if self.dense_tp_sum is None:
-            f = self.mlp(self.post_attention_norm(h))
-        else:  # row-parallel down: fp32 partial sums reduced, rounded once (as in attention)
-            f = self.mlp(self.post_attention_norm(h), out_dtype=jnp.float32)
-            f = jax.lax.psum(f, self.dense_tp_sum).astype(h.dtype)
+        with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "dense_mlp"):
+            if self.dense_tp_sum is None:
+                f = self.mlp(self.post_attention_norm(h))
+            else:  # row-parallel down: fp32 partial sums reduced, rounded once (as attention)
+                f = self.mlp(self.post_attention_norm(h), out_dtype=jnp.float32)
+                f = jax.lax.psum(f, self.dense_tp_sum).astype(h.dtype)
         return h + f, cache
 
 

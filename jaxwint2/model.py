@@ -147,7 +147,8 @@ class ErnieForCausalLM(nnx.Module):
     # ------------------------------------------------------------------ forward
 
     def _run(self, tokens, positions, kv, logits_at):
-        x = self.embed(tokens, self.compute_dtype)  # [B, T, H]
+        with jax.named_scope("embed"):
+            x = self.embed(tokens, self.compute_dtype)  # [B, T, H]
         cache = None
         for stack in self.stacks:
             x, cache = stack(x, positions, kv)
@@ -155,10 +156,11 @@ class ErnieForCausalLM(nnx.Module):
                 kv = (cache, kv[1])
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        if self.axis_name is not None:  # vocab-parallel head: this rank's columns -> all
-            logits = jax.lax.all_gather(logits, self.axis_name, axis=-1, tiled=True)
+        with jax.named_scope("lm_head"):
+            x = self.final_norm(x)
+            logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+            if self.axis_name is not None:  # vocab-parallel head: this rank's columns -> all
+                logits = jax.lax.all_gather(logits, self.axis_name, axis=-1, tiled=True)
         return logits, cache
 
     def forward(self, token_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:

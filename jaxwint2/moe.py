@@ -110,17 +110,23 @@ class MoE(nnx.Module):
         """``x [B, T, H]`` -> ``[B, T, H]`` in ``x.dtype``."""
         b, t, h = x.shape
         tokens = x.reshape(b * t, h)
-        weights, experts = route(tokens, self.router_weight[...], self.router_bias[...], self.k)
-        dispatch = Dispatch(experts, self.num_experts)
-        x_sorted = dispatch.sort(tokens)  # [N*k, H]
-        hidden = self.up_gate.grouped(x_sorted, dispatch.group_sizes,
-                                      activation="swiglu")  # [N*k, I_e]
-        y_sorted = self.down.grouped(hidden, dispatch.group_sizes,
-                                     row_scale=dispatch.sort_flat(weights),
-                                     out_dtype=jnp.float32)  # [N*k, H]
-        y = dispatch.combine(y_sorted)  # [N, H] fp32
+        with jax.named_scope("router"):
+            weights, experts = route(tokens, self.router_weight[...], self.router_bias[...],
+                                     self.k)
+        with jax.named_scope("dispatch"):
+            dispatch = Dispatch(experts, self.num_experts)
+            x_sorted = dispatch.sort(tokens)  # [N*k, H]
+            row_scale = dispatch.sort_flat(weights)
+        with jax.named_scope("experts"):
+            hidden = self.up_gate.grouped(x_sorted, dispatch.group_sizes,
+                                          activation="swiglu")  # [N*k, I_e]
+            y_sorted = self.down.grouped(hidden, dispatch.group_sizes, row_scale=row_scale,
+                                         out_dtype=jnp.float32)  # [N*k, H]
+        with jax.named_scope("combine"):
+            y = dispatch.combine(y_sorted)  # [N, H] fp32
         if self.shared is not None:
-            y = y + self.shared(tokens).astype(jnp.float32)
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared(tokens).astype(jnp.float32)
         if self.axis_name is not None:
             y = jax.lax.psum(y, self.axis_name)
         return y.astype(x.dtype).reshape(b, t, h)

@@ -193,6 +193,66 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
 
 
 # ---------------------------------------------------------------------------------------------
+# dense (non-expert) linears: attention, dense MLP, lm_head
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_rows(ceil: dict, tokens_list, *, shape_names) -> list[dict]:
+    """Time the dense linears of each model (``shapes.DENSE``) in their checkpoint format.
+
+    Per (linear, tokens): the Pallas kernel, the XLA reference (jnp decode then ``jnp.dot``, which
+    XLA may fuse), and bf16 weights through XLA, each checked against the reference first.
+    """
+    from .api import quant_matmul
+
+    out = []
+    for name in shape_names:
+        for lin in shapes.DENSE[name]:
+            key = jax.random.key(hash(lin.name) % 2**31)
+            ws = {fmt: shapes.random_linear(jax.random.fold_in(key, i), fmt, lin.k, lin.n)
+                  for i, fmt in enumerate(dict.fromkeys((lin.fmt, "bf16")))}
+            for tokens in tokens_list:
+                x = jax.random.normal(jax.random.fold_in(key, tokens), (tokens, lin.k),
+                                      jnp.bfloat16)
+                impls = [("pallas", lin.fmt), ("xla", lin.fmt)] if lin.fmt != "bf16" else []
+                impls.append(("xla", "bf16"))
+                ref = None
+                for impl, fmt in impls:
+                    fn = functools.partial(quant_matmul, fmt=fmt, implementation=impl)
+                    y = jax.jit(fn)(x, ws[fmt])
+                    if fmt == lin.fmt:
+                        if ref is None:
+                            ref = jax.jit(functools.partial(quant_matmul, fmt=fmt,
+                                                            implementation="xla"))(x, ws[fmt])
+                        assert_close(y, ref, rel_l2=1e-2, min_frac_close=0.97,
+                                     context=f"{name} {lin.name} {impl} tokens={tokens}")
+                    nb = shapes.packed_bytes(fmt, lin.k, lin.n) + 2 * tokens * (lin.k + lin.n)
+                    r = max(2, min(8, -(-3 * L2_BYTES // nb)))
+                    xs = [(x + i, ws[fmt]) for i in range(r)]
+                    sec = time_instances(fn, xs)
+                    row = dict(kind="dense", shape=name, linear=lin.name, k=lin.k, n=lin.n,
+                               tokens=tokens, impl=impl, fmt=fmt, us=sec * 1e6, bytes=nb,
+                               GBps=nb / sec / 1e9,
+                               pct_copy=100 * nb / sec / 1e9 / ceil["copy_GBps"],
+                               TFLOPs=2 * tokens * lin.k * lin.n / sec / 1e12)
+                    out.append(row)
+                    print(json.dumps(row), flush=True)
+    return out
+
+
+def _dense_table(rows: list[dict]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["linear"], r["tokens"]), {})[r["impl"] + ":" + r["fmt"]] = r
+    lines = ["| shape | linear | tokens | impl:fmt | µs | GB/s | %copy BW |", "|" + "---|" * 7]
+    for (shape, lin, tokens), d in by.items():
+        for k, r in d.items():
+            lines.append(f"| {shape} | {lin} | {tokens} | {k} | {r['us']:.1f} | "
+                         f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # tuning
 # ---------------------------------------------------------------------------------------------
 
@@ -285,6 +345,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
+    p.add_argument("--dense", action="store_true",
+                   help="time the dense (attention / dense MLP / lm_head) linears instead")
     p.add_argument("--out", default=None, help="JSON lines file")
     a = p.parse_args(argv)
     tokens = [int(t) for t in a.tokens.split(",")]
@@ -296,6 +358,13 @@ def main(argv=None) -> int:
     print(json.dumps(meta), flush=True)
     if not a.skip_checks:
         checks.run_all(interpret=jax.default_backend() != "gpu")
+    if a.dense:
+        rows = dense_rows(ceil, tokens, shape_names=a.shapes.split(","))
+        if a.out:
+            with open(a.out, "a") as f:
+                f.write("".join(json.dumps({**meta, **r}) + "\n" for r in rows))
+        print(_dense_table(rows))
+        return 0
     results = []
     for name in a.shapes.split(","):
         case = Case(shapes.SHAPES[name])

@@ -47,6 +47,31 @@ ERNIE_21B = MoeShape("ernie45_21b", experts=64, top_k=6, hidden=2560, inter=1536
 SHAPES = {s.name: s for s in (ERNIE_300B, ERNIE_21B)}
 
 
+@dataclasses.dataclass(frozen=True)
+class DenseLinear:
+    """One non-expert linear ``[K, N]`` of a model, in its checkpoint format."""
+
+    name: str
+    k: int
+    n: int
+    fmt: str
+
+
+# WINT8 attention / dense MLP of the w4w2 releases; the untied lm_head stays bf16.
+DENSE = {
+    "ernie45_300b": (DenseLinear("qkv", 8192, (64 + 2 * 8) * 128, "wint8"),
+                     DenseLinear("o", 8192, 8192, "wint8"),
+                     DenseLinear("dense_up_gate", 8192, 2 * 28672, "wint8"),
+                     DenseLinear("dense_down", 28672, 8192, "wint8"),
+                     DenseLinear("lm_head", 8192, 103424, "bf16")),
+    "ernie45_21b": (DenseLinear("qkv", 2560, (20 + 2 * 4) * 128, "wint8"),
+                    DenseLinear("o", 2560, 2560, "wint8"),
+                    DenseLinear("dense_up_gate", 2560, 2 * 12288, "wint8"),
+                    DenseLinear("dense_down", 12288, 2560, "wint8"),
+                    DenseLinear("lm_head", 2560, 103424, "bf16")),
+}
+
+
 def route(tokens: int, shape: MoeShape, kind: str, seed: int = 0) -> np.ndarray:
     """Expert ids ``[tokens, top_k]`` (distinct per token), deterministic per seed.
 

@@ -15,6 +15,7 @@ Example:
   python -m serve.bench                                   # the embedded demo model
   python -m serve.bench --model /ckpt/ernie-21b-wint2 --concurrency 1,4,16,64 --json bench.jsonl
   python -m serve.bench --mock --concurrency 1,4 --num-prompts 8   # CPU smoke run
+  python -m serve.bench --synthetic 21b                   # full-size random weights (GPU)
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="converted checkpoint (default: demo model)")
     src.add_argument("--mock", action="store_true", help="serve.testing.MockModel (CPU smoke)")
+    src.add_argument("--synthetic", choices=("tiny", "21b", "300b"), default=None,
+                     help="a full-size model with synthetic weights built on the device "
+                          "(jaxwint2.bench), detokenized byte-wise: no checkpoint needed")
     p.add_argument("--kernels", choices=("auto", "pallas", "reference"), default="auto")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--concurrency", default="1,4,16,64",
@@ -140,6 +144,22 @@ def build_engine(args) -> Engine:
         from .testing import ByteTokenizer, MockModel
 
         return Engine(MockModel(), ByteTokenizer(), config).start()
+    if args.synthetic:
+        from jaxwint2.bench import PRESETS, synthetic_params
+        from jaxwint2.model import ErnieForCausalLM
+
+        from .testing import ByteTokenizer
+
+        class SyntheticTokenizer(ByteTokenizer):
+            """Any id decodes to one byte: random weights emit ids of the whole vocabulary."""
+
+            def decode(self, ids):
+                return bytes(i % 256 for i in ids).decode("utf-8", "replace")
+
+        cfg = PRESETS[args.synthetic]()
+        model = ErnieForCausalLM(cfg, synthetic_params(cfg), kernels=args.kernels,
+                                 dtype="bfloat16")
+        return Engine(model, SyntheticTokenizer(), config).start()
     engine, _ = load_engine(args.model, kernels=args.kernels,
                             tensor_parallel_size=args.tensor_parallel_size, config=config)
     return engine
@@ -162,7 +182,8 @@ async def sweep(engine: Engine, args) -> list[dict]:
         timings, wall = await run_level(engine, prompts(n), c, params, f"c{c}")
         row = summarize(timings, wall, c, args.prompt_len)
         row["new_compilations"] = engine.stats().num_compilations - before
-        row["model"] = "mock" if args.mock else (args.model or "demo")
+        row["model"] = ("mock" if args.mock else f"synthetic-{args.synthetic}"
+                        if args.synthetic else (args.model or "demo"))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:
