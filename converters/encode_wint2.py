@@ -44,9 +44,12 @@ BYTES_PER_GROUP = GROUP_SIZE // 4
 SCALE_INIT = 0.06
 """Group scale / group RMS that fits a unit Gaussian best (``encode_codebooks`` search)."""
 EFFORT: dict[str, dict[str, int]] = {
-    "fast": dict(n_candidates=4, select_groups=8, select_rounds=2, rounds=3, nib_rounds=0),
-    "default": dict(n_candidates=16, select_groups=64, select_rounds=3, rounds=4, nib_rounds=0),
-    "best": dict(n_candidates=48, select_groups=128, select_rounds=3, rounds=6, nib_rounds=3),
+    "fast": dict(n_candidates=4, select_groups=8, select_rounds=2, rounds=3, nib_rounds=0,
+                 scale_grid=0),
+    "default": dict(n_candidates=16, select_groups=64, select_rounds=3, rounds=4, nib_rounds=0,
+                    scale_grid=0),
+    "best": dict(n_candidates=48, select_groups=128, select_rounds=3, rounds=6, nib_rounds=3,
+                 scale_grid=0),
 }
 """Search presets: ``fast`` for CPU tests and previews, ``default`` on accelerators (0.29 s for
 8192 x 7168 on an H100), ``best`` adds the nibble-neighbour search (about -0.5% error, ~5x the
@@ -146,6 +149,22 @@ def refine_nibbles(x: jax.Array, q: jax.Array, nib: jax.Array, ss: jax.Array,
 # --------------------------------------------------------------------------------------------
 
 
+def grid_scales(x: jax.Array, q: jax.Array, s: jax.Array, factors) -> jax.Array:
+    """Per group, the best of ``s * f`` for ``f`` in ``factors`` by its exhaustively assigned error.
+
+    Lloyd iterations (assign, least-squares scale) stop in the nearest local optimum of the
+    piecewise-quadratic group error; a grid of restarts finds a better basin. Returns ``[n, G]``.
+    """
+    def err(f):
+        sf = s * f
+        qa = gather_tuples(q, assign(x, q, sf))
+        return ((x - sf[..., None, None] * qa) ** 2).sum((-2, -1))
+
+    fs = jnp.asarray(factors, jnp.float32)
+    errs = jax.lax.map(err, fs)  # [F, n, G]
+    return s * fs[jnp.argmin(errs, axis=0)]
+
+
 def _select_codebook(x, s0, qc, select_groups: int, rounds: int):
     """Index ``[n]`` of the candidate codebook with the least error on a subsample of groups."""
     g = x.shape[1]
@@ -161,7 +180,8 @@ def _select_codebook(x, s0, qc, select_groups: int, rounds: int):
 
 def encode_chunk(w: jax.Array, hessian_chol: jax.Array | None = None, *, rounds: int = 4,
                  select_groups: int = 64, select_rounds: int = 3,
-                 n_candidates: int | None = 16, nib_rounds: int = 0) -> dict[str, jax.Array]:
+                 n_candidates: int | None = 16, nib_rounds: int = 0,
+                 scale_grid: int = 0) -> dict[str, jax.Array]:
     """Encode columns ``w [K, n]`` (natural K order) -> the five tensors (device arrays).
 
     ``hessian_chol``: upper Cholesky factor of the damped inverse calibration Hessian
@@ -181,6 +201,9 @@ def encode_chunk(w: jax.Array, hessian_chol: jax.Array | None = None, *, rounds:
     q = qc[best]  # [n, 256, 4]
 
     s = s0
+    if scale_grid:
+        s = fit(x, q, s, 2)[0]
+        s = grid_scales(x, q, s, np.exp(np.linspace(-0.35, 0.35, scale_grid)))
     for _ in range(rounds):
         s_opt, curv, _ = refit_scales(x, gather_tuples(q, assign(x, q, s)))
         ss, nib = quantize_scales(s_opt, curv)
@@ -222,7 +245,8 @@ def encode_device(w: jax.Array, hessian_chol: jax.Array | None = None, *,
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "rounds", "select_groups",
-                                             "select_rounds", "n_candidates", "nib_rounds"))
+                                             "select_rounds", "n_candidates", "nib_rounds",
+                                             "scale_grid"))
 def _encode_chunked(w, hessian_chol, *, chunk: int, **options):
     """Pad ``w`` to whole chunks of zero columns, ``lax.map`` the chunks, drop the padding."""
     k, n = w.shape

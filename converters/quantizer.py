@@ -49,6 +49,8 @@ Tree = dict[str, Any]
 BF16 = ml_dtypes.bfloat16
 MAX_ENCODE_WEIGHTS = 1 << 30
 """Stacked experts are WINT2-encoded side by side in batches of at most this many weights."""
+DEFAULT_CALIBRATION_TOKENS = 16384
+"""Tokens of calibration text the bf16 model is run on (``--calibration-tokens``)."""
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 """Absmax fractions tried for the WINT8/WINT4 per-column scale (least squared error wins)."""
 
@@ -295,6 +297,8 @@ def _check_hessians(qcfg: ErnieConfig, hessians: dict[str, np.ndarray], path) ->
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                         w4_end_layer: int | None = None, calibration: str | None = None,
+                        calibration_text: str | None = None,
+                        calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
                         k_order: str = "natural", effort: str = "default",
                         num_shards: int = 2, force: bool = False,
                         progress: bool = True) -> QuantizeSummary:
@@ -306,6 +310,11 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
       w4_end_layer: MoE layers with index ``<=`` this hold WINT4 experts, later ones WINT2
         (default :func:`default_w4_end_layer`; ``-1``: every MoE layer WINT2).
       calibration: optional Hessian file (:func:`load_hessians`) for the WINT2 linears.
+      calibration_text: optional ``.txt`` / ``.jsonl`` text: the bf16 source model is run on its
+        first ``calibration_tokens`` tokens (source tokenizer) layer by layer while quantizing,
+        and each WINT2 expert's input Hessian (routed tokens only) drives the GPTQ-style byte
+        choice (:class:`jaxwint2.calibrate.Calibrator`). Excludes ``calibration``.
+      calibration_tokens: token budget of ``calibration_text``.
       k_order: WINT2 in-group K order of the written bytes (wint2-format §3.2).
       effort: WINT2 search preset, ``"fast"`` / ``"default"`` / ``"best"``
         (:data:`converters.encode_wint2.EFFORT`).
@@ -336,15 +345,18 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     w4 = default_w4_end_layer(cfg) if w4_end_layer is None else w4_end_layer
     qcfg = cfg.replace(quant=QuantConfig(dense="wint8", moe="wint2", w4_end_layer=w4,
                                          k_order=k_order))
+    if calibration and calibration_text:
+        raise CheckpointError("give either a Hessian file or calibration text, not both")
     hessians = load_hessians(calibration) if calibration else {}
     _check_hessians(qcfg, hessians, calibration)
+    calibrator = _text_calibrator(src, qcfg, calibration_text, calibration_tokens)
     summary = QuantizeSummary(src=str(src), dst=str(dst),
                               source_format=meta.get("source_format", "?"),
                               quantization_config=qcfg.quant.to_dict())
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     names = checkpoint.part_names(qcfg)
     bar = _progress(len(names), progress)
-    stream = _quantized_parts(qcfg, parts, hessians, effort, summary, bar)
+    stream = _quantized_parts(qcfg, parts, hessians, effort, summary, bar, calibrator)
     try:
         write_paddle_checkpoint(qcfg, lambda part: _next_part(stream, part), tmp,
                                 num_shards=num_shards, bf16_header="BF16")
@@ -359,11 +371,31 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
     return summary
 
 
-def _quantized_parts(qcfg, parts, hessians, effort, summary, bar
+def _text_calibrator(src, qcfg: ErnieConfig, text, max_tokens: int):
+    """The :class:`jaxwint2.calibrate.Calibrator` of ``text`` (None without text)."""
+    if not text:
+        return None
+    from jaxwint2 import calibrate
+
+    if max_tokens < 2:
+        raise CheckpointError(f"calibration_tokens must be at least 2, got {max_tokens}")
+    try:
+        ids = calibrate.tokenize_file(src, text, max_tokens=max_tokens)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"calibration text {text}: {e}") from e
+    return calibrate.Calibrator(
+        qcfg, ids, wanted=lambda i: qcfg.is_moe_layer(i) and qcfg.expert_format(i) == "wint2")
+
+
+def _quantized_parts(qcfg, parts, hessians, effort, summary, bar, calibrator=None
                      ) -> Iterator[tuple[str, Tree]]:
     for part, sub in parts:
         bar.set_postfix_str(part)
-        out = quantize_part(qcfg, part, sub, hessians=hessians, effort=effort,
+        part_h = hessians
+        if calibrator is not None:  # this layer's Hessians, from the bf16 layer itself
+            bar.set_postfix_str(f"{part} (calibration)")
+            part_h = {**hessians, **calibrator.observe(part, sub)}
+        out = quantize_part(qcfg, part, sub, hessians=part_h, effort=effort,
                             reports=summary.linears)
         del sub
         summary.parts += 1

@@ -28,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=".safetensors/.npz of input Hessians X^T X/n per WINT2 linear, keyed "
                         "like layers.7.mlp.experts.up_gate, [K, K] or [E, K, K]: enables "
                         "GPTQ-style error feedback")
+    p.add_argument("--calibration-text", metavar="FILE", default=None,
+                   help="calibrate from text instead: a .txt (paragraphs) or .jsonl ({\"text\": "
+                        "...} per line) file; the bf16 source model runs on it layer by layer "
+                        "and each WINT2 expert's input Hessian (its routed tokens) enables "
+                        "GPTQ-style error feedback")
+    p.add_argument("--calibration-tokens", type=int, metavar="N", default=None,
+                   help="tokens of --calibration-text to use (default 16384)")
     p.add_argument("--k-order", choices=("natural", "shuffled"), default="natural",
                    help="WINT2 in-group K order to write (wint2-format.md §3.2)")
     p.add_argument("--effort", choices=("fast", "default", "best"), default="default",
@@ -36,12 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing DST")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.calibration and args.calibration_text:
+        p.error("--calibration and --calibration-text are mutually exclusive")
+    if args.calibration_tokens is not None and not args.calibration_text:
+        p.error("--calibration-tokens needs --calibration-text")
 
     from converters import CheckpointError, quantize_checkpoint  # lazy: keeps --help fast
 
     try:
         summary = quantize_checkpoint(args.src, args.dst, w4_end_layer=args.w4_end_layer,
-                                      calibration=args.calibration, k_order=args.k_order,
+                                      calibration=args.calibration,
+                                      calibration_text=args.calibration_text,
+                                      **({"calibration_tokens": args.calibration_tokens}
+                                         if args.calibration_tokens is not None else {}),
+                                      k_order=args.k_order,
                                       effort=args.effort,
                                       num_shards=args.num_shards, force=args.force,
                                       progress=not args.no_progress)
