@@ -83,22 +83,29 @@ class WeightFormat:
         return layout.linear_shapes(self.name, k, n, experts)
 
     def matmul(self, x: jax.Array, w: dict[str, jax.Array], *, activation=None,
-               row_scale: jax.Array | None = None, out_dtype=None) -> jax.Array:
-        """``epilogue(x [M, K] @ W [K, N])`` with fp32 accumulation -> ``[M, N]`` (``N/2``)."""
+               row_scale: jax.Array | None = None, out_dtype=None,
+               layer: jax.Array | None = None) -> jax.Array:
+        """``epilogue(x [M, K] @ W [K, N])`` with fp32 accumulation -> ``[M, N]`` (``N/2``).
+
+        ``layer``: ``w`` is a layer stack ``[L, K, N]``; use its layer ``layer`` in place.
+        """
         return pallas_kernels.quant_matmul(
             x, w, fmt=self.name, k_order=self.k_order, activation=activation,
-            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x))
+            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x),
+            layer=layer)
 
     def grouped_matmul(self, x: jax.Array, w: dict[str, jax.Array], group_sizes: jax.Array, *,
                        activation=None, row_scale: jax.Array | None = None,
-                       out_dtype=None) -> jax.Array:
+                       out_dtype=None, layer: jax.Array | None = None) -> jax.Array:
         """Rows of ``x [M, K]`` sorted by expert; rows of expert e use ``W[e]``.
 
         ``group_sizes`` int32 ``[E]`` may sum to less than ``M`` (trailing rows: zeros).
+        ``layer``: ``w`` is a layer stack ``[L, E, K, N]``; use its layer ``layer`` in place.
         """
         return pallas_kernels.quant_grouped_matmul(
             x, w, group_sizes, fmt=self.name, k_order=self.k_order, activation=activation,
-            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x))
+            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x),
+            layer=layer)
 
     def dequantize(self, w: dict[str, jax.Array], dtype=jnp.bfloat16) -> jax.Array:
         """The dense ``[..., K, N]`` weight the matmuls compute with (tests, debugging)."""

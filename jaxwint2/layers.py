@@ -45,6 +45,9 @@ class Linear(nnx.Module):
         self.leaf_names = tuple(sorted(leaves))
         for name in self.leaf_names:
             setattr(self, name, nnx.Param(jnp.asarray(leaves[name])))
+        # Set (to a traced int) by LayerStack while its scan runs: the leaves then hold the
+        # whole layer stack [L, ...] and the kernels read layer `layer` of it in place.
+        self.layer = None
 
     def leaves(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.leaf_names}
@@ -54,14 +57,15 @@ class Linear(nnx.Module):
         """``x [..., K]`` -> ``[..., N]`` (``N/2`` with ``activation="swiglu"``)."""
         lead = x.shape[:-1]
         y = self.fmt.matmul(x.reshape(-1, x.shape[-1]), self.leaves(), activation=activation,
-                            row_scale=row_scale, out_dtype=out_dtype)
+                            row_scale=row_scale, out_dtype=out_dtype, layer=self.layer)
         return y.reshape(*lead, y.shape[-1])
 
     def grouped(self, x: jax.Array, group_sizes: jax.Array, *, activation=None, row_scale=None,
                 out_dtype=None) -> jax.Array:
         """Stacked experts: rows of ``x [M, K]`` sorted by expert, ``group_sizes [E]``."""
         return self.fmt.grouped_matmul(x, self.leaves(), group_sizes, activation=activation,
-                                       row_scale=row_scale, out_dtype=out_dtype)
+                                       row_scale=row_scale, out_dtype=out_dtype,
+                                       layer=self.layer)
 
     def dequantized(self, dtype=jnp.float32) -> jax.Array:
         """The dense weight ``[..., K, N]`` this layer computes with."""

@@ -29,9 +29,14 @@ def _kernels():
     return kernels
 
 
+def _layer_of(w: dict[str, jax.Array], layer) -> dict[str, jax.Array]:
+    return w if layer is None else {name: leaf[layer] for name, leaf in w.items()}
+
+
 def quant_matmul(x: jax.Array, w: dict[str, jax.Array], *, fmt: Fmt, k_order: str = "natural",
                  activation: Activation = None, row_scale: jax.Array | None = None,
-                 out_dtype=None, implementation: Implementation = None) -> jax.Array:
+                 out_dtype=None, implementation: Implementation = None,
+                 layer: jax.Array | int | None = None) -> jax.Array:
     """``y = epilogue(x @ W)`` for a runtime-layout ``<linear>`` ``w`` (see jaxwint2/layout.py).
 
     Args:
@@ -43,44 +48,51 @@ def quant_matmul(x: jax.Array, w: dict[str, jax.Array], *, fmt: Fmt, k_order: st
       row_scale: optional ``[M]`` factors applied to the output rows.
       out_dtype: defaults to ``x.dtype``.
       implementation: ``"pallas"``, ``"xla"`` or ``None`` (best available).
+      layer: with every leaf of ``w`` stacked on a leading layer axis ``[L, ...]``, use layer
+        ``layer`` (traced int) of the stack. The Pallas kernel reads that layer in place: under
+        ``lax.scan``, slicing the stack outside the kernel would copy the layer's weights on
+        every iteration (XLA materialises a custom call's sliced operand).
     """
     kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
               out_dtype=out_dtype)
     if implementation == "xla":
-        return reference.quant_matmul_reference(x, w, **kw)
+        return reference.quant_matmul_reference(x, _layer_of(w, layer), **kw)
     if implementation not in ("pallas", None):
         raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
     if implementation is None and not _on_gpu():
-        return reference.quant_matmul_reference(x, w, **kw)
+        return reference.quant_matmul_reference(x, _layer_of(w, layer), **kw)
     try:
-        return _kernels().quant_matmul(x, w, interpret=not _on_gpu(), **kw)
+        return _kernels().quant_matmul(x, w, interpret=not _on_gpu(), layer=layer, **kw)
     except NotImplementedError:
         if implementation == "pallas":
             raise
-        return reference.quant_matmul_reference(x, w, **kw)
+        return reference.quant_matmul_reference(x, _layer_of(w, layer), **kw)
 
 
 def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax.Array, *,
                          fmt: Fmt, k_order: str = "natural", activation: Activation = None,
                          row_scale: jax.Array | None = None, out_dtype=None,
-                         implementation: Implementation = None) -> jax.Array:
+                         implementation: Implementation = None,
+                         layer: jax.Array | int | None = None) -> jax.Array:
     """Grouped (MoE) ``y[rows of e] = epilogue(x[rows of e] @ W[e])``; rows sorted by group.
 
     Args as :func:`quant_matmul`, plus ``group_sizes`` int32 ``[E]`` (rows per expert, in
     order; may sum to less than M, trailing rows are padding and come out as zeros), and ``w``
-    stacked ``[E, ...]``.
+    stacked ``[E, ...]`` (``[L, E, ...]`` with ``layer``).
     """
     kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
               out_dtype=out_dtype)
+    ref = reference.quant_grouped_matmul_reference
     if implementation == "xla":
-        return reference.quant_grouped_matmul_reference(x, w, group_sizes, **kw)
+        return ref(x, _layer_of(w, layer), group_sizes, **kw)
     if implementation not in ("pallas", None):
         raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
     if implementation is None and not _on_gpu():
-        return reference.quant_grouped_matmul_reference(x, w, group_sizes, **kw)
+        return ref(x, _layer_of(w, layer), group_sizes, **kw)
     try:
-        return _kernels().quant_grouped_matmul(x, w, group_sizes, interpret=not _on_gpu(), **kw)
+        return _kernels().quant_grouped_matmul(x, w, group_sizes, interpret=not _on_gpu(),
+                                               layer=layer, **kw)
     except NotImplementedError:
         if implementation == "pallas":
             raise
-        return reference.quant_grouped_matmul_reference(x, w, group_sizes, **kw)
+        return ref(x, _layer_of(w, layer), group_sizes, **kw)

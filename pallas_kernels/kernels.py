@@ -105,21 +105,30 @@ def pl_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _weights(w: dict, fmt: str, grouped: bool) -> tuple[jax.Array, ...]:
+def _weights(w: dict, fmt: str, grouped: bool, stacked: bool) -> tuple[jax.Array, ...]:
+    """The kernel's ``[G, ...]`` operands: experts (and stacked layers) folded into ``G``.
+
+    Folding leading axes is a free reshape of a contiguous buffer, so a layer stack reaches the
+    kernel by reference; the kernel picks the layer through the group ids of its tile table.
+    """
     leaves = tuple(w[leaf] for leaf in CODECS[fmt].leaves)
-    return leaves if grouped else tuple(a[None] for a in leaves)
+    if grouped and stacked:
+        return tuple(a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]) for a in leaves)
+    return leaves if grouped or stacked else tuple(a[None] for a in leaves)
 
 
 def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=None,
-         row_scale=None, out_dtype=None, config=None):
+         row_scale=None, out_dtype=None, config=None, layer=None):
     grouped = group_sizes is not None
+    stacked = layer is not None
     codec = CODECS.get(fmt)
     _check(codec is not None, f"{fmt=} is not one of {sorted(CODECS)}")
     packed = w.get(codec.leaves[0])
-    _check(packed is not None and packed.ndim == (3 if grouped else 2),
-           f"{'grouped' if grouped else 'dense'} {fmt} weights must be "
-           f"{'[E, K, N]' if grouped else '[K, N]'}-shaped")
-    e = packed.shape[0] if grouped else 1
+    want = ("[L, " if stacked else "[") + ("E, K, N]" if grouped else "K, N]")
+    _check(packed is not None and packed.ndim == (3 if grouped else 2) + stacked,
+           f"{'grouped' if grouped else 'dense'} {fmt} weights must be {want}-shaped")
+    e = packed.shape[-3] if grouped else 1
+    num_layers = packed.shape[0] if stacked else 1
     m = x.shape[0]
     n = packed.shape[-1]
     n_out = n // 2 if activation == "swiglu" else n
@@ -136,8 +145,12 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
     planes = 1 if cfg.mode == "mma_merged" else CODECS[fmt].planes  # x order the kernel reads
     xp = _permute_columns(x, k, cfg.block_k, planes, k_order)
     tiles = tile_table(group_sizes, m, cfg.block_m)
+    if stacked:  # group g of layer l is folded group l*E + g; padding rows stay past the end
+        grp, *rest = tiles
+        layer = jnp.asarray(layer, jnp.int32)
+        tiles = (jnp.where(grp < e, grp + layer * e, num_layers * e), *rest)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
-    return grouped_matmul(xp, _weights(w, fmt, grouped), tiles, rs, fmt=fmt,
+    return grouped_matmul(xp, _weights(w, fmt, grouped, stacked), tiles, rs, fmt=fmt,
                           activation=activation, out_dtype=out_dtype, cfg=cfg,
                           interpret=interpret)
 
@@ -145,6 +158,7 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
 def quant_matmul(x, w, *, interpret: bool, config: config_lib.TuningConfig | None = None, **kw):
     """Dense ``epilogue(x @ W)``; see ``api.quant_matmul`` for the arguments."""
     return _run(x, w, None, interpret=interpret, config=config, **kw)
+
 
 
 def quant_grouped_matmul(x, w, group_sizes, *, interpret: bool,

@@ -106,3 +106,45 @@ def test_import_pulls_in_no_jaxwint2_or_flax():
            "print(any(m.split('.')[0] in ('jaxwint2', 'flax') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fmt", ["wint2", "wint8"])
+def test_layer_of_a_stack_equals_that_layer_alone(fmt):
+    """``layer=`` on an ``[L, E, ...]`` stack == the op on ``w[layer]`` (kernel and reference)."""
+    stack = [shapes.random_linear(jax.random.key(i), fmt, 256, 64, 2) for i in range(3)]
+    w = {k: jnp.stack([s[k] for s in stack]) for k in stack[0]}
+    x = jax.random.normal(jax.random.key(7), (8, 256), jnp.bfloat16)
+    gs = jnp.asarray([5, 2], jnp.int32)  # one padding row
+    for impl in ("pallas", "xla"):
+        for layer in (0, 2):
+            got = jax.jit(lambda x, w, gs, i, impl=impl: pk.quant_grouped_matmul(
+                x, w, gs, fmt=fmt, activation="swiglu", implementation=impl, layer=i))(
+                x, w, gs, jnp.int32(layer))
+            want = jax.jit(lambda x, w, gs, impl=impl: pk.quant_grouped_matmul(
+                x, w, gs, fmt=fmt, activation="swiglu", implementation=impl))(
+                x, stack[layer], gs)
+            np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                          np.asarray(want, np.float32))
+            dense = {k: v[:, 1] for k, v in w.items()}  # [L, K, N]: expert 1 of each layer
+            got = jax.jit(lambda x, w, i, impl=impl: pk.quant_matmul(
+                x, w, fmt=fmt, implementation=impl, layer=i))(x, dense, jnp.int32(layer))
+            want = jax.jit(lambda x, w, impl=impl: pk.quant_matmul(
+                x, w, fmt=fmt, implementation=impl))(
+                x, {k: v[1] for k, v in stack[layer].items()})
+            np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                          np.asarray(want, np.float32))
+
+
+def test_layer_stack_reaches_the_kernel_whole():
+    """The Pallas kernel takes the whole stack (folded ``[L*E, ...]``), never a layer slice:
+    a sliced operand of a custom call is copied by XLA on every scan iteration."""
+    w = {k: jnp.stack([v, v, v]) for k, v in
+         shapes.random_linear(jax.random.key(0), "wint2", 256, 64, 2).items()}
+    x = jnp.ones((4, 256), jnp.bfloat16)
+    gs = jnp.asarray([2, 2], jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda x, w, i: pk.quant_grouped_matmul(
+        x, w, gs, fmt="wint2", implementation="pallas", layer=i))(x, w, jnp.int32(1))
+    text = str(jaxpr)
+    assert "pallas_call" in text
+    assert "u8[6,64,64]" in text  # quant_weight [3, 2, 64, 64] folded to [6, 64, 64]
+    assert "dynamic_slice" not in text
