@@ -1,20 +1,29 @@
 """Grouped-query self-attention with interleaved-pair RoPE, with or without the paged KV cache.
 
 Owns the attention sub-block of a decoder layer: the fused ``qkv`` projection (columns
-``[Q | K | V]``), RoPE, the masked fp32 softmax and the ``o`` projection. Two paths share one
-masking rule, "key position ``<=`` query position, and the key exists":
+``[Q | K | V]``), RoPE, the blockwise fp32 softmax and the ``o`` projection. Two paths share one
+masking rule, "key position ``<=`` query position, and the key exists (position ``>= 0``)":
 
-* no cache (``model(token_ids)``): keys are this call's own tokens;
-* paged cache (``model.step``): new K/V are written to their slots first, then each row gathers
-  all its blocks (:mod:`jaxwint2.kv_cache`) and attends to every position up to its own.
+* no cache (``model(token_ids)``): keys are this call's own tokens (:func:`attend`);
+* paged cache (``model.step``): new K/V are written to their slots first, then each row attends
+  to its blocks, read from the cache one key block at a time (:func:`attend_paged`).
 
-It knows nothing of how blocks are allocated, and has no kernel of its own: the softmax is plain
-XLA, kept simple so that a Pallas decode-attention kernel can replace :func:`attend` later.
+The softmax is flash-attention style in plain ``jnp``/``lax`` (runs on CPU and GPU): queries are
+split into chunks of ``q_chunk`` rows, keys into blocks of ``block_k``; each step computes one
+``[B, n_kv, g, q_chunk, block_k]`` fp32 score block and folds it into a running max, running sum
+and rescaled fp32 accumulator. Peak memory is one score block (sized by
+:data:`SCORE_BLOCK_BYTES`) instead of the whole ``[B, heads, T, S]`` matrix. A key block that no
+query of the chunk can see (every key padding, or after the chunk's last query position) is not
+visited: the loop runs over the list of needed blocks with a dynamic trip count. Problems whose
+whole score matrix fits in one block (decode, small prefill) run as a single step with no loop.
+
+It knows nothing of how blocks are allocated, and has no kernel of its own: a Pallas
+decode-attention kernel can replace :func:`attend_paged` later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -27,32 +36,177 @@ from .layers import Linear, _precision, apply_rope
 
 _MASKED = -1e30  # finite: a fully masked (padding) query row stays NaN-free
 
+# fp32 bytes of one step's score block [B, heads, q_chunk, block_k]. The step's other temporaries
+# (exp'd scores, probabilities in v.dtype) add about 1.5x this. 300B, B=1, 64 heads: q_chunk 2048
+# x block_k 512, so an 8K prefill takes 4 query chunks and visits 4 + 8 + 12 + 16 key blocks.
+SCORE_BLOCK_BYTES = 256 << 20
+# Keys per block when the score matrix does not fit in one step. 512 keeps the per-step matmuls
+# large (M = g * q_chunk, N = 512, K = head_dim) while causal skipping stays fine-grained.
+BLOCK_K = 512
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-           k_pos: jax.Array) -> jax.Array:
-    """Causal GQA attention, softmax in fp32.
+# A key loader: block index j (traced int32) -> k, v [B, block_k, n_kv, d].
+_Loader = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _plan(b: int, nh: int, t: int, s: int, unit: int, block_k: int | None,
+          q_chunk: int | None) -> tuple[int, int]:
+    """``(q_chunk, block_k)`` for ``T=t`` queries over ``S=s`` keys; ``block_k % unit == 0``."""
+    elems = max(SCORE_BLOCK_BYTES // 4 // (b * nh), 1)  # q_chunk * block_k that fit one step
+    if block_k is None and q_chunk is None and t * s <= elems:
+        tc, bk = t, s  # one step: decode, or a prefill small enough to score densely
+    else:
+        if q_chunk is None:
+            q_chunk = _floor_pow2(max(elems // (block_k or BLOCK_K), 1))
+        tc = min(t, q_chunk)
+        if block_k is None:  # few queries (decode of a big batch): larger key blocks
+            block_k = max(BLOCK_K, _floor_pow2(elems // tc))
+        bk = min(block_k, s)
+    return tc, min(_round_up(bk, unit), _round_up(s, unit))
+
+
+def _attend_blocks(q: jax.Array, q_pos: jax.Array, k_pos: jax.Array, load: _Loader, *,
+                   n_kv: int, v_dtype, block_k: int, q_chunk: int,
+                   skip: bool | None) -> jax.Array:
+    """Online-softmax GQA attention of ``q [B, T, nh, d]`` over ``load``'s key blocks.
+
+    ``k_pos [B, n_blocks * block_k]`` are the keys' positions in ``load``'s block layout (``-1``
+    = no key). ``skip``: loop only over the blocks some query of the chunk can see, with a
+    dynamic trip count (on XLA-GPU a device-to-host sync per step, small next to a step of
+    ``SCORE_BLOCK_BYTES``); ``None`` = whenever there is more than one block.
+    """
+    b, t, nh, d = q.shape
+    g = nh // n_kv
+    n_blocks = k_pos.shape[1] // block_k
+    skip = n_blocks > 1 if skip is None else skip
+    prec = _precision(q.dtype)
+    scale = d ** -0.5
+
+    # Queries in chunks: pad T to a multiple of q_chunk with position -1 (sees nothing).
+    n_chunks = -(-t // q_chunk)
+    if pad := n_chunks * q_chunk - t:
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q_pos = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1)
+    k_blocks = k_pos.reshape(b, n_blocks, block_k)
+
+    def chunk(qc: jax.Array, qp: jax.Array) -> jax.Array:
+        """``qc [B, Tc, n_kv, g, d]``, ``qp [B, Tc]`` -> ``[B, n_kv, g, Tc, d]`` in ``q.dtype``."""
+
+        def step(j, carry):
+            m, den, acc = carry  # [B, n_kv, g, Tc] x2, [B, n_kv, g, Tc, d], all fp32
+            kb, vb = load(j)  # [B, bk, n_kv, d]
+            kp = jax.lax.dynamic_slice_in_dim(k_pos, j * block_k, block_k, axis=1)  # [B, bk]
+            s = jnp.einsum("btkgd,bskd->bkgts", qc, kb, preferred_element_type=jnp.float32,
+                           precision=prec) * scale  # [B, n_kv, g, Tc, bk]
+            visible = (kp[:, None, :] <= qp[:, :, None]) & (kp[:, None, :] >= 0)  # [B, Tc, bk]
+            s = jnp.where(visible[:, None, None], s, _MASKED)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            alpha = jnp.exp(m - m_new)  # 0 once a row sees its first key: drops masked terms
+            p = jnp.exp(s - m_new[..., None])
+            den = alpha * den + p.sum(axis=-1)
+            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_dtype), vb,
+                            preferred_element_type=jnp.float32, precision=prec)
+            return m_new, den, alpha[..., None] * acc + pv
+
+        tc = qc.shape[1]
+        init = (jnp.full((b, n_kv, g, tc), _MASKED, jnp.float32),
+                jnp.zeros((b, n_kv, g, tc), jnp.float32),
+                jnp.zeros((b, n_kv, g, tc, d), jnp.float32))
+        if n_blocks == 1:
+            m, den, acc = step(jnp.int32(0), init)
+        elif skip:
+            # Block j is needed iff some row has a key there that one of its queries can see.
+            last = qp.max(axis=1)  # [B]
+            needed = ((k_blocks >= 0) & (k_blocks <= last[:, None, None])).any(axis=(0, 2))
+            order = jnp.nonzero(needed, size=n_blocks, fill_value=0)[0].astype(jnp.int32)
+            m, den, acc = jax.lax.fori_loop(0, needed.sum(dtype=jnp.int32),
+                                          lambda i, c: step(order[i], c), init)
+        else:
+            m, den, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+        # den >= 1 wherever m is a real score; a query that saw no key at all returns 0.
+        out = jnp.where((m > _MASKED / 2)[..., None], acc / den[..., None], 0.0)
+        return out.astype(q.dtype)
+
+    q = q.reshape(b, n_chunks, q_chunk, n_kv, g, d)
+    q_pos = q_pos.reshape(b, n_chunks, q_chunk)
+    if n_chunks == 1:
+        out = chunk(q[:, 0], q_pos[:, 0])[None]
+    else:  # a scan: one chunk's score block live at a time
+        out = jax.lax.map(lambda xs: chunk(*xs), (jnp.moveaxis(q, 1, 0), jnp.moveaxis(q_pos, 1, 0)))
+    # [n_chunks, B, n_kv, g, Tc, d] -> [B, T, nh, d]
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, n_chunks * q_chunk, nh, d)
+    return out[:, :t]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+           block_k: int | None = None, q_chunk: int | None = None,
+           skip: bool | None = None) -> jax.Array:
+    """Causal GQA attention, softmax in fp32, blockwise over keys (flash-attention style).
 
     Args:
       q: ``[B, T, n_heads, d]``; query head ``j`` reads kv head ``j // (n_heads / n_kv)``.
       k, v: ``[B, S, n_kv, d]``.
-      q_pos: int ``[B, T]`` absolute query positions.
+      q_pos: int ``[B, T]`` absolute query positions; ``-1`` = padding query.
       k_pos: int ``[B, S]`` absolute key positions; ``-1`` = no key there.
+      block_k, q_chunk: keys per block and queries per chunk; ``None`` = sized by
+        :data:`SCORE_BLOCK_BYTES` (a single step when the whole score matrix fits).
+      skip: visit only the key blocks some query can see (see :func:`_attend_blocks`).
+
+    Key ``s`` is visible to query ``t`` iff ``0 <= k_pos[s] <= q_pos[t]``. A query that sees no
+    key (padding) returns zeros.
 
     Returns:
       ``[B, T, n_heads, d]`` in ``q.dtype``.
     """
-    b, t, nh, d = q.shape
-    nkv = k.shape[2]
-    q = q.reshape(b, t, nkv, nh // nkv, d)
-    prec = _precision(q.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32,
-                        precision=prec) * (d ** -0.5)  # [B, n_kv, g, T, S]
-    visible = (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] >= 0)  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32,
-                     precision=prec)
-    return out.reshape(b, t, nh, d).astype(q.dtype)
+    b, t, nh, _ = q.shape
+    s, nkv = k.shape[1], k.shape[2]
+    tc, bk = _plan(b, nh, t, s, 1, block_k, q_chunk)
+    if pad := _round_up(s, bk) - s:  # whole blocks: pad with keys that do not exist
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)), constant_values=-1)
+
+    def load(j):
+        return (jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1),
+                jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1))
+
+    return _attend_blocks(q, q_pos, k_pos, load, n_kv=nkv, v_dtype=v.dtype, block_k=bk,
+                          q_chunk=tc, skip=skip)
+
+
+def attend_paged(q: jax.Array, q_pos: jax.Array, cache: kvc.KVCache, layer: jax.Array | int,
+                 batch: kvc.PagedBatch, *, block_k: int | None = None,
+                 q_chunk: int | None = None, skip: bool | None = None) -> jax.Array:
+    """:func:`attend` over each row's cached blocks of layer ``layer``, read block by block.
+
+    Each step gathers ``block_k / block_size`` table entries per row straight from the cache
+    (:func:`jaxwint2.kv_cache.read_blocks`), so no ``[B, P * block_size]`` copy of the keys is
+    made when there is more than one step, and blocks past every row's last query position are
+    never read. Key positions are ``batch.key_positions``.
+    """
+    b, t, nh, _ = q.shape
+    bs, nkv = cache.block_size, cache.k.shape[3]
+    tables = batch.block_tables
+    p = tables.shape[1]
+    tc, bk = _plan(b, nh, t, p * bs, bs, block_k, q_chunk)
+    per = bk // bs  # table entries per key block
+    if pad := _round_up(p, per) - p:  # whole blocks: padded entries hold no key
+        tables = jnp.pad(tables, ((0, 0), (0, pad)))
+    k_pos = jnp.pad(batch.key_positions, ((0, 0), (0, pad * bs)), constant_values=-1)
+
+    def load(j):
+        return kvc.read_blocks(cache, layer, jax.lax.dynamic_slice_in_dim(tables, j * per, per,
+                                                                          axis=1))
+
+    return _attend_blocks(q, q_pos, k_pos, load, n_kv=nkv, v_dtype=cache.v.dtype, block_k=bk,
+                          q_chunk=tc, skip=skip)
 
 
 class Attention(nnx.Module):
@@ -100,8 +254,7 @@ class Attention(nnx.Module):
         else:
             cache, layer, batch = kv
             cache = kvc.write_layer(cache, layer, k, v, batch)
-            k_all, v_all = kvc.read_layer(cache, layer, batch)
-            out = attend(q, k_all, v_all, positions, batch.key_positions)
+            out = attend_paged(q, positions, cache, layer, batch)
 
         if self.axis_name is None:
             return self.o(out.reshape(b, t, n_q * d)), cache
