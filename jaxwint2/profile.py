@@ -192,8 +192,24 @@ def extrapolate(summary: dict[str, Any], groups: list[range],
     return est
 
 
+def _dump(dump_dir: str, tag: str, hlo: str, kernels: list[Kernel]) -> None:
+    """The compiled HLO and per-``hlo_op`` kernel totals, for attributing by hand."""
+    import pathlib
+
+    d = pathlib.Path(dump_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{tag}.hlo.txt").write_text(hlo)
+    per_op: dict[str, list] = {}
+    for k in kernels:
+        entry = per_op.setdefault(k.hlo_op, [k.name, k.module, 0, 0.0])
+        entry[2] += 1
+        entry[3] += k.dur_ns / 1e6
+    (d / f"{tag}.ops.json").write_text(json.dumps(per_op, indent=0))
+
+
 def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], context: int,
-            block_size: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
+            block_size: int, steps: int, seed: int = 0,
+            dump_dir: str | None = None) -> list[dict[str, Any]]:
     from . import bench
     from .model import ErnieForCausalLM, _step_jit
 
@@ -237,6 +253,8 @@ def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], 
             tok, pos, cache = run(steps, tok, pos, cache)
             jax.profiler.stop_trace()
             kern = device_kernels(d)
+        if dump_dir:
+            _dump(dump_dir, f"{cfg.num_hidden_layers}l_b{b}", hlo, kern)
         summary = summarise(kern, index, steps=steps, step_module=module.removeprefix("jit_"))
         row = {"batch": b, "context": context, "layers": cfg.num_hidden_layers,
                "wall_ms_per_step": wall_ms,
@@ -261,12 +279,14 @@ def main(argv=None) -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", default=None, help="append JSON lines here")
+    ap.add_argument("--dump", default=None, help="write the HLO and per-op kernel totals here")
     args = ap.parse_args(argv)
 
     cfg = PRESETS[args.model]()
     rows = profile(cfg, layers=args.layers, kernels=args.kernels,
                    batches=tuple(int(v) for v in args.batches.split(",")),
-                   context=args.context, block_size=args.block_size, steps=args.steps)
+                   context=args.context, block_size=args.block_size, steps=args.steps,
+                   dump_dir=args.dump)
     meta = {"model": args.model, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "kernels": args.kernels}
     lines = [json.dumps({**meta, **r}) for r in rows]

@@ -240,6 +240,68 @@ def dense_rows(ceil: dict, tokens_list, *, shape_names) -> list[dict]:
     return out
 
 
+def _dense_candidates(rows: int):
+    T = config_lib.TuningConfig  # noqa: N806
+    if rows <= 16:
+        table = [(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 64, 256, 4, 4),
+                 (16, 128, 128, 4, 4), (16, 128, 256, 8, 3), (16, 32, 512, 4, 3)]
+    elif rows <= 128:
+        table = [(16, 64, 256, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
+                 (32, 128, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3)]
+    else:
+        table = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 128, 4, 3),
+                 (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)]
+    for bm, bn, bk, nw, ns in table:
+        yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+
+
+def tune_dense(tokens_list, *, shape_names) -> dict:
+    """Sweep ``_dense_candidates`` for every quantized dense linear of ``shapes.DENSE``."""
+    from . import kernels
+
+    table = {}
+    for name in shape_names:
+        for lin in shapes.DENSE[name]:
+            if lin.fmt == "bf16":
+                continue
+            act = "swiglu" if lin.name.endswith("up_gate") else None
+            n_out = lin.n // 2 if act else lin.n
+            w = shapes.random_linear(jax.random.key(5), lin.fmt, lin.k, lin.n)
+            for tokens in tokens_list:
+                x = jax.random.normal(jax.random.key(3), (tokens, lin.k), jnp.bfloat16)
+                results = []
+                for cfg in _dense_candidates(tokens):
+                    if n_out % cfg.block_n or lin.k % cfg.block_k:
+                        continue
+                    fn = functools.partial(kernels.quant_matmul, interpret=False, fmt=lin.fmt,
+                                           activation=act, config=cfg)
+                    try:
+                        sec = time_instances(fn, [(x + i, w) for i in range(2)], reps=5)
+                    except Exception as err:  # noqa: BLE001 - a config that fails to compile
+                        print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
+                        continue
+                    results.append((sec, cfg))
+                results.sort(key=lambda v: v[0])
+                best_sec, best = results[0]
+                key = str(config_lib.TunedKey(lin.fmt, act or "none", 1, lin.k, n_out,
+                                              config_lib.rows_bucket(tokens)))
+                table[key] = {"config": best.to_dict(), "us": best_sec * 1e6,
+                              "runner_up_us": results[1][0] * 1e6 if len(results) > 1 else None}
+                print(f"tune {name} {lin.name} tokens={tokens}: {best} {best_sec * 1e6:.1f} us",
+                      flush=True)
+    return table
+
+
+def _write_tuned(table: dict, meta: dict) -> None:
+    path = config_lib.TUNED_DIR / f"{config_lib.device_key()}.json"
+    old = json.loads(path.read_text()) if path.exists() else {"configs": {}}
+    old["configs"].update(table)
+    old["meta"] = meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    config_lib._tuned_table.cache_clear()
+
+
 def _dense_table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
@@ -358,6 +420,9 @@ def main(argv=None) -> int:
     print(json.dumps(meta), flush=True)
     if not a.skip_checks:
         checks.run_all(interpret=jax.default_backend() != "gpu")
+    if a.dense and a.tune:
+        _write_tuned(tune_dense(tokens, shape_names=a.shapes.split(",")), meta)
+        return 0
     if a.dense:
         rows = dense_rows(ceil, tokens, shape_names=a.shapes.split(","))
         if a.out:
@@ -369,14 +434,7 @@ def main(argv=None) -> int:
     for name in a.shapes.split(","):
         case = Case(shapes.SHAPES[name])
         if a.tune:
-            table = tune(case, tokens, tuple(a.fmts.split(",")))
-            path = config_lib.TUNED_DIR / f"{config_lib.device_key()}.json"
-            old = json.loads(path.read_text()) if path.exists() else {"configs": {}}
-            old["configs"].update(table)
-            old["meta"] = meta
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
-            config_lib._tuned_table.cache_clear()
+            _write_tuned(tune(case, tokens, tuple(a.fmts.split(","))), meta)
             continue
         for t in tokens:
             for routing in a.routings.split(","):
