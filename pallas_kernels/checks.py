@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kernels, reference, shapes
+from . import api, kernels, reference, shapes
 from .config import TuningConfig
 from .numerics import assert_close
 from .wint2 import count_unfused_mismatches, dequantize_wint2
@@ -121,7 +121,29 @@ def matrix(*, interpret: bool):
                                                               block_k=128, num_warps=8))
 
 
+def check_large_layer_stack() -> float:
+    """A WINT8 layer stack of > 2**31 int8 elements (2.2 GB), last layer, kernel vs reference.
+
+    Pallas's Triton lowering would address it with 32-bit offsets (``kernel_triton``); this
+    catches a jax whose lowering changed under the workaround. GPU only (memory, time).
+    """
+    layers, k, n = 33, 8192, 8192
+    key = jax.random.key(11)
+    q = jax.random.randint(key, (layers, k, n), -127, 128, jnp.int8)
+    scale = jnp.full((layers, n), 1e-3, jnp.bfloat16)
+    w = {"quant_weight": q, "weight_scale": scale}
+    x = jax.random.normal(jax.random.fold_in(key, 1), (16, k), jnp.bfloat16)
+    got = jax.jit(lambda x, w: api.quant_matmul(x, w, fmt="wint8", implementation="pallas",
+                                                layer=layers - 1))(x, w)
+    want = api.quant_matmul(x, {kk: v[layers - 1] for kk, v in w.items()}, fmt="wint8",
+                            implementation="xla")
+    return assert_close(got, want, rel_l2=1e-2, min_frac_close=0.97,
+                        context="wint8 layer stack of > 2**31 elements")
+
+
 def run_all(*, interpret: bool) -> None:
+    if not interpret:
+        print(f"check ok: large layer stack {check_large_layer_stack()}", flush=True)
     n = 0
     for kw in matrix(interpret=interpret):
         s = check_matmul(interpret=interpret, **kw)

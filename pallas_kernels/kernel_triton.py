@@ -52,7 +52,9 @@ backend-neutral: a Mosaic kernel can slot in behind ``implementation="pallas"`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import warnings
 
 import jax
@@ -68,6 +70,43 @@ from .wint2 import GROUP_SIZE
 # the warning fires at every compile of a caller's jit and says nothing actionable to them.
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated",
                         category=DeprecationWarning)
+
+
+# Pallas's Triton lowering picks 32-bit element offsets for refs of at most 2**32 *bytes*, but
+# the offsets are signed element counts: a 1-byte ref of 2**31..2**32 elements (a stacked WINT2 /
+# WINT8 weight of 2-4 GiB, e.g. ERNIE-4.5-21B's 27 up_gate expert stacks, 3.4 GB) then computes
+# negative offsets (CUDA_ERROR_ILLEGAL_ADDRESS, seen on an H100 with jax 0.11.2). Refs of
+# >= 2**31 elements get 64-bit offsets here. If the private hook is absent, kernels.py refuses
+# such operands instead (NotImplementedError -> the reference path).
+INT32_OFFSETS_SAFE_LIMIT = 2**31
+
+
+def _patch_offset_width() -> bool:
+    try:
+        from jax._src.pallas.triton import lowering as tl
+
+        original = tl._compute_offsets_from_indices
+        dataclasses.fields(tl.BlockInfo)
+    except (ImportError, AttributeError, TypeError):
+        return False
+    if getattr(original, "_jaxwint2_patched", False):
+        return True
+
+    def offsets_64bit_past_2g_elements(block_info, nd_indexer):
+        sd = block_info.full_shape_dtype
+        if math.prod(sd.shape) >= INT32_OFFSETS_SAFE_LIMIT and sd.dtype.itemsize < 4:
+            # Seen as 4-byte elements the ref exceeds 2**32 bytes: the lowering goes 64-bit.
+            # Strides are in elements and do not change; the dtype serves that decision only.
+            block_info = dataclasses.replace(
+                block_info, full_shape_dtype=jax.ShapeDtypeStruct(sd.shape, jnp.float32))
+        return original(block_info, nd_indexer)
+
+    offsets_64bit_past_2g_elements._jaxwint2_patched = True
+    tl._compute_offsets_from_indices = offsets_64bit_past_2g_elements
+    return True
+
+
+LARGE_REFS_OK = _patch_offset_width()
 
 
 def _silu(v: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import config as config_lib
 from .codecs import CODECS, plane_permutation
-from .kernel_triton import grouped_matmul
+from .kernel_triton import INT32_OFFSETS_SAFE_LIMIT, LARGE_REFS_OK, grouped_matmul
 from .wint2 import shuffled_k_index
 
 
@@ -150,7 +150,13 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
         layer = jnp.asarray(layer, jnp.int32)
         tiles = (jnp.where(grp < e, grp + layer * e, num_layers * e), *rest)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
-    return grouped_matmul(xp, _weights(w, fmt, grouped, stacked), tiles, rs, fmt=fmt,
+    operands = _weights(w, fmt, grouped, stacked)
+    if not interpret and not LARGE_REFS_OK:
+        big = [a.shape for a in operands
+               if a.dtype.itemsize < 4 and a.size >= INT32_OFFSETS_SAFE_LIMIT]
+        _check(not big, f"operands {big} have >= 2**31 elements, which this jax's Pallas Triton "
+               "lowering addresses with 32-bit offsets")
+    return grouped_matmul(xp, operands, tiles, rs, fmt=fmt,
                           activation=activation, out_dtype=out_dtype, cfg=cfg,
                           interpret=interpret)
 

@@ -148,3 +148,11 @@ def test_layer_stack_reaches_the_kernel_whole():
     assert "pallas_call" in text
     assert "u8[6,64,64]" in text  # quant_weight [3, 2, 64, 64] folded to [6, 64, 64]
     assert "dynamic_slice" not in text
+
+
+def test_large_ref_offset_workaround_is_installed():
+    """The 64-bit-offset hook for 2**31..2**32-element refs found this jax's Triton lowering
+    (if jax moves it, kernels.py refuses such stacks; this test says so first)."""
+    from pallas_kernels import kernel_triton
+
+    assert kernel_triton.LARGE_REFS_OK
