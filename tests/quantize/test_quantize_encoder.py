@@ -68,7 +68,8 @@ def test_round_trip_error_gaussian(gaussian):
 def test_round_trip_error_student_t():
     w = sample("student_t5", K, N, seed=2)
     err = relative_error(w, _decode(encode_wint2(w)))
-    assert err < 0.165, err
+    # the former default (16 codebook pairs, no scale restarts or nibble search) gave 0.1413
+    assert err < 0.140, err
 
 
 def test_candidates_are_exact():
