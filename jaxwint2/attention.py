@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.paged_attention import paged_attention
+
 from . import kv_cache as kvc
 from .config import ErnieConfig
 from .formats import WeightFormat
@@ -254,7 +256,14 @@ class Attention(nnx.Module):
         else:
             cache, layer, batch = kv
             cache = kvc.write_layer(cache, layer, k, v, batch)
-            out = attend_paged(q, positions, cache, layer, batch)
+            impl = self.qkv.fmt.implementation_for_input(q)
+            if t == 1 and (impl == "pallas" or (impl is None and jax.default_backend() == "gpu")):
+                # Decode: the Pallas paged-attention kernel reads the cache blocks in place.
+                lengths = jnp.maximum(positions[:, 0] + 1, 0)
+                out = paged_attention(q[:, 0], cache.k, cache.v, batch.block_tables, lengths,
+                                      layer=layer, implementation=impl)[:, None]
+            else:
+                out = attend_paged(q, positions, cache, layer, batch)
 
         if self.axis_name is None:
             return self.o(out.reshape(b, t, n_q * d)), cache

@@ -73,7 +73,8 @@ class WeightFormat:
     def implementation(self) -> str | None:
         return implementation_for(self.kernels)
 
-    def _implementation_for(self, x: jax.Array) -> str | None:
+    def implementation_for_input(self, x: jax.Array) -> str | None:
+        """The ``implementation=`` this format uses for activations ``x`` (dtype-aware)."""
         if self.kernels == "auto" and x.dtype == jnp.float32:
             return "xla"  # exact fp32 dots; see the module docstring
         return self.implementation
@@ -91,8 +92,8 @@ class WeightFormat:
         """
         return pallas_kernels.quant_matmul(
             x, w, fmt=self.name, k_order=self.k_order, activation=activation,
-            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x),
-            layer=layer)
+            row_scale=row_scale, out_dtype=out_dtype,
+            implementation=self.implementation_for_input(x), layer=layer)
 
     def grouped_matmul(self, x: jax.Array, w: dict[str, jax.Array], group_sizes: jax.Array, *,
                        activation=None, row_scale: jax.Array | None = None,
@@ -104,8 +105,8 @@ class WeightFormat:
         """
         return pallas_kernels.quant_grouped_matmul(
             x, w, group_sizes, fmt=self.name, k_order=self.k_order, activation=activation,
-            row_scale=row_scale, out_dtype=out_dtype, implementation=self._implementation_for(x),
-            layer=layer)
+            row_scale=row_scale, out_dtype=out_dtype,
+            implementation=self.implementation_for_input(x), layer=layer)
 
     def dequantize(self, w: dict[str, jax.Array], dtype=jnp.bfloat16) -> jax.Array:
         """The dense ``[..., K, N]`` weight the matmuls compute with (tests, debugging)."""

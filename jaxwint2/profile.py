@@ -267,6 +267,13 @@ def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], 
 
 
 def main(argv=None) -> None:
+    import os
+
+    # XLA:GPU runs a scan body's kernels as one command buffer (CUDA graph), whose trace
+    # events all carry the command buffer's name: turn them off so each kernel names its op.
+    # Wall times then include per-kernel launches (jaxwint2.bench measures the default).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_gpu_enable_command_buffer=")
     from .bench import PRESETS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
