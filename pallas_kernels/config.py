@@ -89,9 +89,16 @@ def device_key() -> str:
     return "".join(c if c.isalnum() else "_" for c in d.device_kind.lower()).strip("_")
 
 
+# A device without its own table borrows the table of a same-architecture device (same SM count,
+# shared memory and registers; only the memory bandwidth differs): the H200 uses the H100's.
+FALLBACK_TABLES = {"nvidia_h200": "nvidia_h100_80gb_hbm3"}
+
+
 @functools.cache
 def _tuned_table(device: str) -> dict[str, TuningConfig]:
     path = TUNED_DIR / f"{device}.json"
+    if not path.exists() and device in FALLBACK_TABLES:
+        path = TUNED_DIR / f"{FALLBACK_TABLES[device]}.json"
     if not path.exists():
         return {}
     raw = json.loads(path.read_text())
