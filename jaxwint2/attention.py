@@ -263,7 +263,10 @@ class Attention(nnx.Module):
                 out = paged_attention(q[:, 0], cache.k, cache.v, batch.block_tables, lengths,
                                       layer=layer, implementation=impl)[:, None]
             else:
-                out = attend_paged(q, positions, cache, layer, batch)
+                # Gather the rows' blocks first: inside attend's key-block loop (an XLA while
+                # loop) the whole cache would be loop state, which XLA copies (2 x 14 GB at 300B).
+                k_all, v_all = kvc.read_layer(cache, layer, batch)
+                out = attend(q, k_all, v_all, positions, batch.key_positions)
 
         if self.axis_name is None:
             return self.o(out.reshape(b, t, n_q * d)), cache
