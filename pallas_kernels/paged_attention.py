@@ -68,13 +68,16 @@ def _kernel(tables_ref, lengths_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_
                        (length + block_size - 1) // block_size)
     base = layer_ref[0] * num_blocks
     offs = jnp.arange(block_size, dtype=jnp.int32)
+    # fp32 inputs get fp32 dots (Triton would use TF32); bf16 the tensor cores' bf16 MMA.
+    precision = (jax.lax.DotAlgorithmPreset.F32_F32_F32 if q_ref.dtype == jnp.float32
+                 else None)
 
     def body(j, carry):
         m, l_sum, acc = carry
         blk = base + tables_ref[b, j]
         k = k_ref[blk, :, h, :]  # [bs, d]
         v = v_ref[blk, :, h, :]
-        sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+        sc = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * scale  # [16, bs]
         visible = (j * block_size + offs < length)[None, :]
         sc = jnp.where(visible, sc, _MASKED)
@@ -82,7 +85,7 @@ def _kernel(tables_ref, lengths_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_
         p = jnp.where(visible, jnp.exp(sc - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
         l_sum = l_sum * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, precision=precision,
                                              preferred_element_type=jnp.float32)
         return m_new, l_sum, acc
 

@@ -88,5 +88,7 @@ class TestKernels(_KernelTests):
     INTERPRET = False
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu",
+                    reason="interpret mode is the CPU's stand-in; a GPU runs TestKernels")
 class TestKernelsInterpret(_KernelTests):
     INTERPRET = True
