@@ -19,3 +19,15 @@ def test_bench_mock_sweep(tmp_path, capsys):
         assert 0 < r["itl_ms_p50"] <= r["itl_ms_p99"] and r["output_tok_s"] > 0
         assert r["new_compilations"] == 0                               # warmed per level
     assert "| conc |" in capsys.readouterr().out
+
+
+def test_bench_synthetic_model(tmp_path):
+    """``--synthetic``: the real model with device-built random weights (tiny preset here)."""
+    out = tmp_path / "bench.jsonl"
+    assert bench.main(["--synthetic", "tiny", "--concurrency", "2", "--num-prompts", "2",
+                       "--prompt-len", "12", "--max-tokens", "3", "--max-num-seqs", "2",
+                       "--max-model-len", "64", "--block-size", "16", "--kv-cache-memory-mib",
+                       "1", "--json", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["model"] == "synthetic-tiny" and row["output_tokens"] == 6
+    assert row["new_compilations"] == 0
