@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels import paged_attention
 
 from . import kv_cache as kvc
 from .config import ErnieConfig

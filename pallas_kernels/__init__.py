@@ -1,4 +1,5 @@
-"""Pallas GPU kernels for weight-only quantized (WINT2/WINT4/WINT8) matmuls, and the bit formats.
+"""Pallas GPU kernels for weight-only quantized (WINT2/WINT4/WINT8) matmuls and paged decode
+attention, and the bit formats.
 
 Imports only jax and numpy: no Flax and nothing from ``jaxwint2`` (checked by a test).
 """
@@ -7,6 +8,9 @@ Imports only jax and numpy: no Flax and nothing from ``jaxwint2`` (checked by a 
 # ---- weight-only quantized matmuls (runtime layout: jaxwint2/layout.py) ----
 from .api import quant_grouped_matmul as quant_grouped_matmul
 from .api import quant_matmul as quant_matmul
+
+# ---- decode attention over the paged KV cache (layout: jaxwint2/kv_cache.py) ----
+from .paged_attention import paged_attention as paged_attention
 from .reference import dequantize as dequantize
 from .wint2 import GROUP_SIZE as GROUP_SIZE
 from .wint2 import count_unfused_mismatches as count_unfused_mismatches
