@@ -1,24 +1,28 @@
 """Grouped-query self-attention with interleaved-pair RoPE, with or without the paged KV cache.
 
 Owns the attention sub-block of a decoder layer: the fused ``qkv`` projection (columns
-``[Q | K | V]``), RoPE, the blockwise fp32 softmax and the ``o`` projection. Two paths share one
+``[Q | K | V]``), RoPE, the blockwise fp32 softmax and the ``o`` projection. All paths share one
 masking rule, "key position ``<=`` query position, and the key exists (position ``>= 0``)":
 
 * no cache (``model(token_ids)``): keys are this call's own tokens (:func:`attend`);
-* paged cache (``model.step``): new K/V are written to their slots first, then each row attends
-  to its blocks, read from the cache one key block at a time (:func:`attend_paged`).
+* paged cache, several tokens per row (prefill chunks): new K/V are written to their slots
+  first, then each row's blocks are gathered (:func:`jaxwint2.kv_cache.read_layer`) and
+  :func:`attend` runs over them. Gathering first matters: inside ``attend``'s key-block loop (an
+  XLA while loop) the whole cache would be loop state, which XLA copies (2 x 14 GB at 300B);
+* paged cache, one token per row (decode): the Pallas paged-attention kernel
+  (:func:`pallas_kernels.paged_attention`) reads the cache blocks in place, when the weights'
+  ``kernels`` setting says Pallas (``"auto"`` on a GPU); otherwise the gather path above.
 
-The softmax is flash-attention style in plain ``jnp``/``lax`` (runs on CPU and GPU): queries are
-split into chunks of ``q_chunk`` rows, keys into blocks of ``block_k``; each step computes one
-``[B, n_kv, g, q_chunk, block_k]`` fp32 score block and folds it into a running max, running sum
-and rescaled fp32 accumulator. Peak memory is one score block (sized by
+The softmax of :func:`attend` is flash-attention style in plain ``jnp``/``lax`` (runs on CPU and
+GPU): queries are split into chunks of ``q_chunk`` rows, keys into blocks of ``block_k``; each
+step computes one ``[B, n_kv, g, q_chunk, block_k]`` fp32 score block and folds it into a running
+max, running sum and rescaled fp32 accumulator. Peak memory is one score block (sized by
 :data:`SCORE_BLOCK_BYTES`) instead of the whole ``[B, heads, T, S]`` matrix. A key block that no
 query of the chunk can see (every key padding, or after the chunk's last query position) is not
 visited: the loop runs over the list of needed blocks with a dynamic trip count. Problems whose
 whole score matrix fits in one block (decode, small prefill) run as a single step with no loop.
 
-It knows nothing of how blocks are allocated, and has no kernel of its own: a Pallas
-decode-attention kernel can replace :func:`attend_paged` later.
+It knows nothing of how blocks are allocated.
 """
 
 from __future__ import annotations
@@ -180,34 +184,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
                 jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1))
 
     return _attend_blocks(q, q_pos, k_pos, load, n_kv=nkv, v_dtype=v.dtype, block_k=bk,
-                          q_chunk=tc, skip=skip)
-
-
-def attend_paged(q: jax.Array, q_pos: jax.Array, cache: kvc.KVCache, layer: jax.Array | int,
-                 batch: kvc.PagedBatch, *, block_k: int | None = None,
-                 q_chunk: int | None = None, skip: bool | None = None) -> jax.Array:
-    """:func:`attend` over each row's cached blocks of layer ``layer``, read block by block.
-
-    Each step gathers ``block_k / block_size`` table entries per row straight from the cache
-    (:func:`jaxwint2.kv_cache.read_blocks`), so no ``[B, P * block_size]`` copy of the keys is
-    made when there is more than one step, and blocks past every row's last query position are
-    never read. Key positions are ``batch.key_positions``.
-    """
-    b, t, nh, _ = q.shape
-    bs, nkv = cache.block_size, cache.k.shape[3]
-    tables = batch.block_tables
-    p = tables.shape[1]
-    tc, bk = _plan(b, nh, t, p * bs, bs, block_k, q_chunk)
-    per = bk // bs  # table entries per key block
-    if pad := _round_up(p, per) - p:  # whole blocks: padded entries hold no key
-        tables = jnp.pad(tables, ((0, 0), (0, pad)))
-    k_pos = jnp.pad(batch.key_positions, ((0, 0), (0, pad * bs)), constant_values=-1)
-
-    def load(j):
-        return kvc.read_blocks(cache, layer, jax.lax.dynamic_slice_in_dim(tables, j * per, per,
-                                                                          axis=1))
-
-    return _attend_blocks(q, q_pos, k_pos, load, n_kv=nkv, v_dtype=cache.v.dtype, block_k=bk,
                           q_chunk=tc, skip=skip)
 
 

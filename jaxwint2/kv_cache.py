@@ -7,9 +7,8 @@ position ``pos`` lives in block ``block_tables[b, pos // block_size]`` at offset
 
 This module owns that arithmetic and nothing else: it does not know which blocks are free (the
 caller's allocator: ``jaxwint2.generate`` or the serving engine) nor how attention uses the
-gathered keys (``jaxwint2.attention``). Reads are plain XLA gathers of a row's blocks
-(:func:`read_blocks`, called once per key block by ``attention.attend_paged``); a Pallas
-paged-attention kernel can later replace that loop behind the same ``model.step`` API.
+gathered keys (``jaxwint2.attention``). :func:`read_layer` is a plain XLA gather of each row's
+blocks (prefill chunks); decode reads the cache in place in ``pallas_kernels.paged_attention``.
 """
 
 from __future__ import annotations
@@ -98,18 +97,12 @@ def write_layer(cache: KVCache, layer: jax.Array | int, k: jax.Array, v: jax.Arr
     return KVCache(k=flat_k.reshape(cache.k.shape), v=flat_v.reshape(cache.v.shape))
 
 
-def read_blocks(cache: KVCache, layer: jax.Array | int,
-                block_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gather blocks ``block_ids [B, n]`` of layer ``layer`` -> ``k, v [B, n*bs, n_kv, d]``."""
-    # One gather with the layer index folded in: slicing ``cache.k[layer]`` first would copy
-    # the whole layer (all blocks of every sequence) before picking this batch's blocks.
-    k = cache.k[layer, block_ids]  # [B, n, bs, n_kv, d]
-    v = cache.v[layer, block_ids]
-    b, n, bs, nkv, d = k.shape
-    return k.reshape(b, n * bs, nkv, d), v.reshape(b, n * bs, nkv, d)
-
-
 def read_layer(cache: KVCache, layer: jax.Array | int,
                batch: PagedBatch) -> tuple[jax.Array, jax.Array]:
     """Gather each row's blocks of layer ``layer`` -> ``k, v [B, P*block_size, n_kv, d]``."""
-    return read_blocks(cache, layer, batch.block_tables)
+    # One gather with the layer index folded in: slicing ``cache.k[layer]`` first would copy
+    # the whole layer (all blocks of every sequence) before picking this batch's blocks.
+    k = cache.k[layer, batch.block_tables]  # [B, P, bs, n_kv, d]
+    v = cache.v[layer, batch.block_tables]
+    b, n, bs, nkv, d = k.shape
+    return k.reshape(b, n * bs, nkv, d), v.reshape(b, n * bs, nkv, d)

@@ -14,7 +14,7 @@ import pytest
 
 from jaxwint2 import kv_cache as kvc
 from jaxwint2.attention import attend as _attend_eager
-from jaxwint2.attention import attend_paged
+from pallas_kernels import paged_attention
 
 attend = jax.jit(_attend_eager, static_argnames=("block_k", "q_chunk", "skip"))
 
@@ -134,8 +134,9 @@ def _paged_setup(rng, dtype=np.float32):
     return cache, tables
 
 
-@pytest.mark.parametrize("t,block_k", [(1, None), (1, 4), (1, 8), (6, 12), (6, None)])
-def test_paged_matches_dense_over_gathered_blocks(t, block_k):
+@pytest.mark.parametrize("t,block_k", [(1, None), (1, 4), (6, 12), (6, None)])
+def test_attend_over_gathered_blocks_matches_dense(t, block_k):
+    """The model's prefill path: rows' blocks gathered (kv_cache.read_layer), then attend."""
     rng = np.random.default_rng(5)
     cache, tables = _paged_setup(rng)
     positions = np.stack([np.arange(13, 13 + t), np.arange(2, 2 + t)]).astype(np.int32)
@@ -144,22 +145,29 @@ def test_paged_matches_dense_over_gathered_blocks(t, block_k):
     batch = kvc.paged_batch(jnp.asarray(positions), jnp.asarray(tables), cache)
     k_all, v_all = kvc.read_layer(cache, 1, batch)
     want = dense_reference(q, k_all, v_all, positions, batch.key_positions)
-    got = jax.jit(lambda q, layer: attend_paged(q, positions, cache, layer, batch,
-                                                block_k=block_k, q_chunk=4))(q, jnp.int32(1))
+    got = jax.jit(lambda q: attend(q, k_all, v_all, positions, batch.key_positions,
+                                   block_k=block_k, q_chunk=4))(q)
     _check(got, want, 2e-5)
 
 
-def test_paged_blocks_past_the_context_are_not_read():
+def test_paged_kernel_never_reads_blocks_past_the_context():
+    """The decode path (Pallas paged attention, interpret mode): poisoned blocks after each
+    row's last position leave the result unchanged."""
     rng = np.random.default_rng(6)
-    cache, tables = _paged_setup(rng)
-    positions = np.array([[9], [5]], np.int32)  # both rows end in their table's 3rd block
+    shape = (1, 12, 16, 2, 16)  # the kernel takes blocks of >= 16 tokens
+    cache = kvc.KVCache(k=jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                        v=jnp.asarray(rng.standard_normal(shape), jnp.float32))
+    tables = np.array([[5, 2, 7, 0, 9], [1, 3, 4, 6, 11]], np.int32)
+    positions = np.array([[40], [33]], np.int32)  # both rows end in their table's 3rd block
     q = rng.standard_normal((2, 1, 6, 16)).astype(np.float32)
     batch = kvc.paged_batch(jnp.asarray(positions), jnp.asarray(tables), cache)
     want = dense_reference(q, *kvc.read_layer(cache, 0, batch), positions, batch.key_positions)
     poisoned = np.asarray(cache.v).copy()
     poisoned[0, tables[:, 3:]] = np.nan  # table entries 3, 4 of both rows
-    cache = kvc.KVCache(k=cache.k, v=jnp.asarray(poisoned))
-    _check(attend_paged(q, positions, cache, 0, batch, block_k=4), want, 2e-5)
+    got = paged_attention(jnp.asarray(q[:, 0]), cache.k, jnp.asarray(poisoned),
+                          jnp.asarray(tables), jnp.asarray(positions[:, 0] + 1), layer=0,
+                          implementation="pallas")
+    _check(np.asarray(got)[:, None], want, 2e-5)
 
 
 def test_blockwise_memory_is_far_below_the_dense_score_matrix():
