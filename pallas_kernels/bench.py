@@ -242,17 +242,19 @@ def dense_rows(ceil: dict, tokens_list, *, shape_names) -> list[dict]:
 
 def _dense_candidates(rows: int):
     T = config_lib.TuningConfig  # noqa: N806
-    if rows <= 16:
+    if rows <= 16:  # few rows: also split K, so that narrow N still fills the GPU
         table = [(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 64, 256, 4, 4),
-                 (16, 128, 128, 4, 4), (16, 128, 256, 8, 3), (16, 32, 512, 4, 3)]
+                 (16, 128, 128, 4, 4), (16, 128, 256, 8, 3), (16, 32, 512, 4, 3),
+                 (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 4, 4)]
     elif rows <= 128:
         table = [(16, 64, 256, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
                  (32, 128, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3)]
     else:
         table = [(64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 128, 4, 3),
                  (64, 64, 128, 4, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3)]
-    for bm, bn, bk, nw, ns in table:
-        yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns, *split in table:
+        yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
+                split_k=split[0] if split else 1)
 
 
 def tune_dense(tokens_list, *, shape_names) -> dict:
@@ -271,7 +273,7 @@ def tune_dense(tokens_list, *, shape_names) -> dict:
                 x = jax.random.normal(jax.random.key(3), (tokens, lin.k), jnp.bfloat16)
                 results = []
                 for cfg in _dense_candidates(tokens):
-                    if n_out % cfg.block_n or lin.k % cfg.block_k:
+                    if n_out % cfg.block_n or (lin.k // cfg.block_k) % cfg.split_k:
                         continue
                     fn = functools.partial(kernels.quant_matmul, interpret=False, fmt=lin.fmt,
                                            activation=act, config=cfg)
@@ -329,7 +331,8 @@ def _candidates(fmt: str, rows: int, experts: int):
                  (16, 16, 256, 4, "mma"), (16, 32, 128, 4, gs), (16, 64, 128, 4, gs),
                  (16, 32, 256, 4, gs), (16, 64, 256, 8, gs)]
         if per <= 2:
-            table += [(per, 32, 256, 4, "fma"), (per, 64, 256, 8, "fma")]
+            table += [(per, 32, 256, 4, "fma"), (per, 64, 256, 8, "fma"),
+                      (16, 64, 128, 4, gs, 2), (16, 64, 128, 4, gs, 4)]
     elif per <= 64:
         table = [(16, 64, 128, 4, "mma"), (32, 64, 128, 4, "mma"), (32, 32, 256, 4, "mma"),
                  (32, 64, 128, 4, gs), (16, 64, 128, 4, gs), (64, 64, 128, 4, "mma")]
@@ -337,10 +340,11 @@ def _candidates(fmt: str, rows: int, experts: int):
         table = [(64, 64, 128, 4, "mma"), (64, 64, 128, 4, gs), (128, 64, 128, 8, "mma"),
                  (128, 64, 128, 8, gs), (64, 128, 128, 8, "mma"), (128, 128, 128, 8, gs)]
     seen = set()
-    for bm, bn, bk, nw, mode in table:
-        if (bm, bn, bk, nw, mode) not in seen:
-            seen.add((bm, bn, bk, nw, mode))
-            yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode)
+    for bm, bn, bk, nw, mode, *split in table:
+        if (bm, bn, bk, nw, mode, *split) not in seen:
+            seen.add((bm, bn, bk, nw, mode, *split))
+            yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, mode=mode,
+                    split_k=split[0] if split else 1)
 
 
 def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:

@@ -9,6 +9,7 @@ stale correct value (best effort: it relies on the allocator reusing the block).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -112,6 +113,10 @@ def matrix(*, interpret: bool):
     yield dict(fmt="wint2", grouped=True, k_order="shuffled", activation="swiglu")
     yield dict(fmt="wint2", grouped=True, x_dtype=jnp.float32, row_scale=True)
     yield dict(fmt="wint4", grouped=False, x_dtype=jnp.float32)
+    split2 = TuningConfig(block_m=16, block_n=32, block_k=128, split_k=2)
+    yield dict(fmt="wint8", grouped=False, activation="swiglu", row_scale=True, config=split2)
+    yield dict(fmt="wint2", grouped=True, activation="swiglu", row_scale=True,
+               config=dataclasses.replace(split2, mode="mma_gs"))
     if not interpret:  # bigger, realistic shapes only where the real kernel runs
         for fmt in FORMATS:
             yield dict(fmt=fmt, grouped=True, activation="swiglu", m=600, k=1024, n=1024, e=16,

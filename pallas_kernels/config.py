@@ -37,6 +37,9 @@ class TuningConfig:
         ``"mma_gs"`` (WINT2 only: per 64-row group, dots of the raw integers, the group scale
         applied to the fp32 partial product) or ``"fma"`` (GEMV-style CUDA-core FMAs for tiles
         of at most 8 rows).
+      split_k: programs sharing one output tile's K range (each a contiguous ``K / split_k``);
+        their fp32 partial sums are added, and the epilogue applied, outside the kernel. More
+        programs stream weights at once when the grid is small (few rows, narrow N).
     """
 
     block_m: int = 16
@@ -45,9 +48,10 @@ class TuningConfig:
     num_warps: int = 4
     num_stages: int = 3
     mode: str = "mma"
+    split_k: int = 1
 
     def __post_init__(self):
-        for f in ("block_m", "block_n", "block_k", "num_warps"):
+        for f in ("block_m", "block_n", "block_k", "num_warps", "split_k"):
             v = getattr(self, f)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{f}={v} must be a positive power of two")
@@ -58,6 +62,8 @@ class TuningConfig:
             raise ValueError(f"mode='fma' takes block_m <= 8, got {self.block_m}")
         if self.mode != "fma" and self.block_m < 16:
             raise ValueError(f"tensor-core modes need block_m >= 16, got {self.block_m}")
+        if self.split_k > 1 and self.mode == "fma":
+            raise ValueError("split_k > 1 takes a tensor-core mode, not mode='fma'")
         if self.block_n < 16:
             raise ValueError(f"block_n={self.block_n} must be >= 16")
 

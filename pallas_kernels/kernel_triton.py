@@ -125,13 +125,17 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
     m = x_ref.shape[0]
 
     j, t = pl.program_id(0), pl.program_id(1)
+    split = cfg.split_k > 1
+    s = pl.program_id(2) if split else 0  # this program's share of the K loop
     g, lo, hi = grp_ref[t], lo_ref[t], hi_ref[t]
     row0 = blk_ref[t] * bm
     rows = row0 + jnp.arange(bm, dtype=jnp.int32)  # [bm]
     n0 = j * bn
     col_offsets = (n0,) if n_half is None else (n0, n0 + n_half)
     store_mask = ((rows >= lo) & (rows < hi))[:, None]
-    out_at = o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]
+    # split-K: o_ref is [split_k, M, N] fp32 partial sums over all N columns (both swiglu halves)
+    out_ats = ([o_ref.at[s, pl.ds(row0, bm), pl.ds(c, bn)] for c in col_offsets] if split
+               else [o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)]])
 
     def epilogue(accs, row_scale):
         if codec.column_scaled:
@@ -178,12 +182,20 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
             return tuple(new)
 
         zeros = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in col_offsets)
-        accs = jax.lax.fori_loop(0, k // bk, body, zeros)
+        per = k // bk // cfg.split_k  # a static trip count, also under split-K (pipelining)
+        accs = jax.lax.fori_loop(0, per, lambda i, a: body(s * per + i, a), zeros)
+        if split:  # partial sums (column scale is linear: applied here); the rest after the sum
+            if codec.column_scaled:
+                accs = tuple(a * codec.column_scale(w_refs, g, c, bn)
+                             for a, c in zip(accs, col_offsets, strict=True))
+            for out_at, acc in zip(out_ats, accs, strict=True):
+                plgpu.store(out_at, acc, mask=store_mask)
+            return
         rs = None
         if rs_ref is not None:
             rs = plgpu.load(rs_ref.at[pl.ds(row0, bm)], mask=rows < m, other=0.0)
             rs = rs.astype(jnp.float32)[:, None]
-        plgpu.store(out_at, epilogue(accs, rs).astype(o_ref.dtype), mask=store_mask)
+        plgpu.store(out_ats[0], epilogue(accs, rs).astype(o_ref.dtype), mask=store_mask)
 
     def _compute_fma():
         # GEMV-style for a few rows: no tensor cores, no operand-layout shuffles. Each row keeps
@@ -224,7 +236,8 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
 
     @pl.when((hi > lo) & (g >= num_groups))
     def _padding():
-        plgpu.store(out_at, jnp.zeros((bm, bn), o_ref.dtype), mask=store_mask)
+        for out_at in out_ats:
+            plgpu.store(out_at, jnp.zeros((bm, bn), o_ref.dtype), mask=store_mask)
 
 
 def interleave_planes(planes: list[jax.Array]) -> jax.Array:
@@ -283,12 +296,24 @@ def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...],
         has_row_scale=row_scale is not None, cfg=cfg, compute_dtype=compute_dtype,
         interpret=interpret)
     args = (*tiles, x_planes, *weights, *(() if row_scale is None else (row_scale,)))
-    return pl.pallas_call(
+    split = cfg.split_k
+    out_shape = (_out_struct((split, m, n), jnp.float32, like=x_planes) if split > 1 else
+                 _out_struct((m, n_out), out_dtype, like=x_planes))
+    out = pl.pallas_call(
         kernel,
-        out_shape=_out_struct((m, n_out), out_dtype, like=x_planes),
-        grid=(n_out // cfg.block_n, tiles[0].shape[0]),
+        out_shape=out_shape,
+        grid=(n_out // cfg.block_n, tiles[0].shape[0], *((split,) if split > 1 else ())),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                              num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"{fmt}_grouped_matmul",
     )(*args)
+    if split == 1:
+        return out
+    # split-K: add the partial sums, then the epilogue the kernel left out (one small fusion).
+    y = out.sum(axis=0)
+    if activation == "swiglu":
+        y = _silu(y[:, :n_out]) * y[:, n_out:]
+    if row_scale is not None:
+        y = y * row_scale[:, None]
+    return y.astype(out_dtype)

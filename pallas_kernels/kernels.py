@@ -136,6 +136,8 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
                                           num_groups=e)
     m, k, n_out = _validate(x, w, fmt, k_order, activation, row_scale, cfg)
     _check(cfg.mode != "mma_gs" or fmt == "wint2", f"mode='mma_gs' is for wint2, not {fmt=}")
+    _check((k // cfg.block_k) % cfg.split_k == 0,
+           f"K/block_k = {k // cfg.block_k} K blocks must divide into split_k={cfg.split_k}")
     if grouped:
         _check(group_sizes.shape == (e,), f"group_sizes must be [E]=({e},), got "
                f"{group_sizes.shape}")

@@ -23,6 +23,11 @@ CPU_CASES = [
          config=TuningConfig(block_m=16, block_n=32, block_k=256, mode="mma_gs")),
     dict(fmt="wint4", grouped=False, x_dtype=jnp.float32, padding=0,
          config=TuningConfig(block_m=16, block_n=32, block_k=64, mode="mma_merged")),
+    # split-K: partial sums of K halves added outside, then swiglu / row scale / column scale
+    dict(fmt="wint8", grouped=True, activation="swiglu", row_scale=True,
+         config=TuningConfig(block_m=16, block_n=32, block_k=64, split_k=2)),
+    dict(fmt="wint2", grouped=True, row_scale=True,
+         config=TuningConfig(block_m=16, block_n=32, block_k=128, mode="mma_gs", split_k=2)),
 ]
 GS = TuningConfig(block_m=16, block_n=32, block_k=128, mode="mma_gs")
 
