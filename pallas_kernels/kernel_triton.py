@@ -24,6 +24,12 @@ Grid and tiles::
       │ epilogue, masked store of rows [lo, hi)  │        permuted columns, contiguous)
       └──────────────────────────────────────────┘
 
+Split-K (``TuningConfig.split_k = S > 1``): the grid gains a third axis; program ``s`` runs K
+blocks ``[s*K/S, (s+1)*K/S)`` and stores its fp32 partial sums (column-scaled) to an
+``[S, M, N]`` buffer; their sum and the rest of the epilogue (SwiGLU, row scale, cast) are one small
+XLA fusion after the call. For few rows and narrow N, where ``N/bn x T`` programs cannot keep the
+GPU's memory pipes busy.
+
 Modes (``TuningConfig.mode``; the tuned table picks one per row regime):
 
 * ``"mma"``: as drawn; one dot of depth bk/P per plane.
