@@ -236,7 +236,7 @@ class Attention(nnx.Module):
             if t == 1 and (impl == "pallas" or (impl is None and jax.default_backend() == "gpu")):
                 # Decode: the Pallas paged-attention kernel reads the cache blocks in place.
                 lengths = jnp.maximum(positions[:, 0] + 1, 0)
-                out = paged_attention(q[:, 0], cache.k, cache.v, batch.block_tables, lengths,
+                out = paged_attention(q[:, 0], *kvc.values(cache), batch.block_tables, lengths,
                                       layer=layer, implementation=impl)[:, None]
             else:
                 # Gather the rows' blocks first: inside attend's key-block loop (an XLA while

@@ -356,7 +356,7 @@ class TPModel(nnx.Module):
         loc = self.local_config
         shape = (loc.num_hidden_layers, num_blocks, block_size,
                  loc.num_key_value_heads * self.tensor_parallel_size, loc.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.compute_dtype),
+        zeros = jax.jit(lambda: jnp.zeros(shape, kvc.storage_dtype(self.compute_dtype)),
                         out_shardings=NamedSharding(self.mesh, _CACHE_SPEC.k))
         return kvc.KVCache(k=zeros(), v=zeros())
 
