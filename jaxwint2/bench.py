@@ -122,6 +122,13 @@ def _sync(x):
     return x
 
 
+@jax.jit
+def feed_back(logits: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Greedy next tokens ``[B, 1]`` and positions, in one jitted program (eager ops would
+    compile inside a timed loop)."""
+    return jnp.argmax(logits, -1).astype(jnp.int32)[:, None], pos + 1
+
+
 def _median_time(fn, n: int) -> float:
     ts = []
     for _ in range(n):
@@ -182,10 +189,6 @@ def run(cfg: ErnieConfig, *, kernels: str, block_size: int, context: int,
         rows.append(Row(f"prefill {t} tokens", t / dt, "tok/s", f"TTFT {dt * 1e3:.1f} ms"))
 
     # ---- decode at `context`, greedy, tokens fed back on device ----
-    @jax.jit
-    def feed_back(logits, pos):  # one jitted program: eager ops would compile inside the timing
-        return jnp.argmax(logits, -1).astype(jnp.int32)[:, None], pos + 1
-
     for b in batches:
         tables = jnp.arange(b * blocks_per_seq, dtype=jnp.int32).reshape(b, blocks_per_seq)
         tok = jnp.ones((b, 1), jnp.int32)

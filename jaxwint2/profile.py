@@ -3,13 +3,13 @@
 Builds the synthetic full-size model of :mod:`jaxwint2.bench` (optionally only its first
 ``--layers`` layers: the layer mix keeps its first runs, so every layer kind is present while the
 weights fit a smaller GPU), runs greedy decode steps exactly as the bench does (``model.step_jit``
-then an ``argmax`` jit, tokens fed back on device) and captures a ``jax.profiler`` trace of them.
+then ``bench.feed_back``, tokens fed back on device) and captures a ``jax.profiler`` trace.
 
 Every GPU kernel of the trace is attributed to a phase through the compiled HLO: the kernel's
 ``hlo_op`` names an instruction, whose ``op_name`` metadata carries the named scopes the model puts
 on its parts (``attention``; ``moe/{router,dispatch,experts,combine,shared_experts}``;
 ``dense_mlp``; ``embed``; ``lm_head``), and whose enclosing ``while`` loop (one per
-:func:`~jaxwint2.decoder.layer_groups` run) names the layer group. Kernels of the argmax jit are
+:func:`~jaxwint2.decoder.layer_groups` run) names the layer group. Kernels of the feed-back jit are
 ``sampling``. Reported per step: wall time, device-busy time (union of kernel intervals), host
 overhead (their difference), time per phase and per layer group, per-layer times extrapolated to
 the full layer count, and the top kernels. JSON out (``--json``), a table on stdout.
@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from .decoder import layer_groups
 
@@ -219,11 +220,8 @@ def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], 
     params = jax.block_until_ready(bench.synthetic_params(cfg, seed))
     model = ErnieForCausalLM(cfg, params, kernels=kernels, dtype="bfloat16")
     del params
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     step = _step_jit(graphdef)
-    argmax = jax.jit(lambda logits: jnp.argmax(logits, -1).astype(jnp.int32)[:, None])
     blocks_per_seq = -(-(context + 2 * steps + 8) // block_size)
     cache = model.init_cache(max(batches) * blocks_per_seq + 1, block_size)
     results = []
@@ -239,8 +237,7 @@ def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], 
         def run(n, tok, pos, cache, tables=tables, at=at):
             for _ in range(n):
                 logits, cache = step(state, tok, pos, tables, cache, at)
-                tok = argmax(logits)
-                pos = pos + 1
+                tok, pos = bench.feed_back(logits, pos)
             jax.block_until_ready(tok)
             return tok, pos, cache
 

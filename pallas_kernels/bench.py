@@ -240,6 +240,23 @@ def dense_rows(ceil: dict, tokens_list, *, shape_names) -> list[dict]:
     return out
 
 
+def _dense_table(rows: list[dict]) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["linear"], r["tokens"]), {})[r["impl"] + ":" + r["fmt"]] = r
+    lines = ["| shape | linear | tokens | impl:fmt | µs | GB/s | %copy BW |", "|" + "---|" * 7]
+    for (shape, lin, tokens), d in by.items():
+        for k, r in d.items():
+            lines.append(f"| {shape} | {lin} | {tokens} | {k} | {r['us']:.1f} | "
+                         f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning
+# ---------------------------------------------------------------------------------------------
+
+
 def _dense_candidates(rows: int):
     T = config_lib.TuningConfig  # noqa: N806
     if rows <= 16:  # few rows: also split K, so that narrow N still fills the GPU
@@ -257,6 +274,28 @@ def _dense_candidates(rows: int):
                 split_k=split[0] if split else 1)
 
 
+def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str) -> tuple[str, dict]:
+    """Time ``op(*args, config=cfg)`` for each candidate; the tuned-table entry of the fastest.
+
+    A config the kernel refuses (NotImplementedError naming the constraint) or Triton fails to
+    compile is reported and skipped.
+    """
+    results = []
+    for cfg in candidates:
+        fn = functools.partial(op, interpret=False, config=cfg)
+        try:
+            sec = time_instances(fn, args, reps=5)
+        except Exception as err:  # noqa: BLE001 - a config that fails to compile or is refused
+            print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        results.append((sec, cfg))
+    results.sort(key=lambda v: v[0])
+    best_sec, best = results[0]
+    print(f"tune {label}: {best} {best_sec * 1e6:.1f} us ({len(results)} configs)", flush=True)
+    return str(key), {"config": best.to_dict(), "us": best_sec * 1e6,
+                      "runner_up_us": results[1][0] * 1e6 if len(results) > 1 else None}
+
+
 def tune_dense(tokens_list, *, shape_names) -> dict:
     """Sweep ``_dense_candidates`` for every quantized dense linear of ``shapes.DENSE``."""
     from . import kernels
@@ -269,28 +308,14 @@ def tune_dense(tokens_list, *, shape_names) -> dict:
             act = "swiglu" if lin.name.endswith("up_gate") else None
             n_out = lin.n // 2 if act else lin.n
             w = shapes.random_linear(jax.random.key(5), lin.fmt, lin.k, lin.n)
+            op = functools.partial(kernels.quant_matmul, fmt=lin.fmt, activation=act)
             for tokens in tokens_list:
                 x = jax.random.normal(jax.random.key(3), (tokens, lin.k), jnp.bfloat16)
-                results = []
-                for cfg in _dense_candidates(tokens):
-                    if n_out % cfg.block_n or (lin.k // cfg.block_k) % cfg.split_k:
-                        continue
-                    fn = functools.partial(kernels.quant_matmul, interpret=False, fmt=lin.fmt,
-                                           activation=act, config=cfg)
-                    try:
-                        sec = time_instances(fn, [(x + i, w) for i in range(2)], reps=5)
-                    except Exception as err:  # noqa: BLE001 - a config that fails to compile
-                        print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
-                        continue
-                    results.append((sec, cfg))
-                results.sort(key=lambda v: v[0])
-                best_sec, best = results[0]
-                key = str(config_lib.TunedKey(lin.fmt, act or "none", 1, lin.k, n_out,
-                                              config_lib.rows_bucket(tokens)))
-                table[key] = {"config": best.to_dict(), "us": best_sec * 1e6,
-                              "runner_up_us": results[1][0] * 1e6 if len(results) > 1 else None}
-                print(f"tune {name} {lin.name} tokens={tokens}: {best} {best_sec * 1e6:.1f} us",
-                      flush=True)
+                key = config_lib.TunedKey(lin.fmt, act or "none", 1, lin.k, n_out,
+                                          config_lib.rows_bucket(tokens))
+                k, entry = _sweep(op, [(x + i, w) for i in range(2)], _dense_candidates(tokens),
+                                  key, f"{name} {lin.name} tokens={tokens}")
+                table[k] = entry
     return table
 
 
@@ -302,23 +327,6 @@ def _write_tuned(table: dict, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
     config_lib._tuned_table.cache_clear()
-
-
-def _dense_table(rows: list[dict]) -> str:
-    by = {}
-    for r in rows:
-        by.setdefault((r["shape"], r["linear"], r["tokens"]), {})[r["impl"] + ":" + r["fmt"]] = r
-    lines = ["| shape | linear | tokens | impl:fmt | µs | GB/s | %copy BW |", "|" + "---|" * 7]
-    for (shape, lin, tokens), d in by.items():
-        for k, r in d.items():
-            lines.append(f"| {shape} | {lin} | {tokens} | {k} | {r['us']:.1f} | "
-                         f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# tuning
-# ---------------------------------------------------------------------------------------------
 
 
 def _candidates(fmt: str, rows: int, experts: int):
@@ -356,29 +364,17 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
             w = case.w[fmt][0 if proj == "up_gate" else 1]
             k, n = s.up_gate if proj == "up_gate" else s.down
             n_out = n // 2 if act else n
+            op = functools.partial(kernels.quant_grouped_matmul, fmt=fmt, activation=act)
             for tokens in tokens_list:
                 ids = shapes.route(tokens, s, "uniform", seed=tokens)
                 gs = jnp.asarray(shapes.group_sizes(ids, s.experts))
                 rows = tokens * s.top_k
                 x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
-                results = []
-                for cfg in _candidates(fmt, rows, s.experts):
-                    fn = functools.partial(kernels.quant_grouped_matmul, interpret=False,
-                                           fmt=fmt, activation=act, config=cfg)
-                    try:
-                        sec = time_instances(fn, [(x, w, gs)], reps=5)
-                    except Exception as err:  # noqa: BLE001 - a config that fails to compile
-                        print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
-                        continue
-                    results.append((sec, cfg))
-                results.sort(key=lambda v: v[0])
-                best_sec, best = results[0]
-                key = str(config_lib.TunedKey(fmt, act or "none", s.experts, k, n_out,
-                                              config_lib.rows_bucket(rows)))
-                table[key] = {"config": best.to_dict(), "us": best_sec * 1e6,
-                              "runner_up_us": results[1][0] * 1e6 if len(results) > 1 else None}
-                print(f"tune {fmt} {proj} tokens={tokens}: {best} {best_sec * 1e6:.1f} us "
-                      f"({len(results)} configs)", flush=True)
+                key = config_lib.TunedKey(fmt, act or "none", s.experts, k, n_out,
+                                          config_lib.rows_bucket(rows))
+                name, entry = _sweep(op, [(x, w, gs)], _candidates(fmt, rows, s.experts), key,
+                                     f"{fmt} {proj} tokens={tokens}")
+                table[name] = entry
     return table
 
 

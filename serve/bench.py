@@ -148,13 +148,7 @@ def build_engine(args) -> Engine:
         from jaxwint2.bench import PRESETS, synthetic_params
         from jaxwint2.model import ErnieForCausalLM
 
-        from .testing import ByteTokenizer
-
-        class SyntheticTokenizer(ByteTokenizer):
-            """Any id decodes to one byte: random weights emit ids of the whole vocabulary."""
-
-            def decode(self, ids):
-                return bytes(i % 256 for i in ids).decode("utf-8", "replace")
+        from .testing import SyntheticTokenizer
 
         cfg = PRESETS[args.synthetic]()
         model = ErnieForCausalLM(cfg, synthetic_params(cfg), kernels=args.kernels,

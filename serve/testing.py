@@ -90,6 +90,14 @@ class MockCache:
 jax.tree_util.register_dataclass(MockCache, data_fields=["k", "v"], meta_fields=[])
 
 
+class SyntheticTokenizer(ByteTokenizer):
+    """Any id decodes to one byte: a model with random weights emits ids of its whole vocabulary
+    (``python -m serve.bench --synthetic``)."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i % 256 for i in ids).decode("utf-8", "replace")
+
+
 def _mix(x: jax.Array) -> jax.Array:
     """An int32 hash (wrapping arithmetic: exact and order-free under addition)."""
     x = x * jnp.int32(-1640531535)
