@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, reference, shapes
+from . import checks, codecs, reference, shapes
 from . import config as config_lib
 from .api import quant_grouped_matmul
 from .numerics import assert_close
@@ -335,12 +335,14 @@ def _candidates(fmt: str, rows: int, experts: int):
     gs = "mma_gs" if fmt == "wint2" else "mma"
     per = -(-rows // min(rows, experts))  # rows of an expert under uniform routing
     if per <= 16:
-        table = [(16, 32, 128, 4, "mma"), (16, 32, 256, 4, "mma"), (16, 64, 128, 4, "mma"),
-                 (16, 16, 256, 4, "mma"), (16, 32, 128, 4, gs), (16, 64, 128, 4, gs),
-                 (16, 32, 256, 4, gs), (16, 64, 256, 8, gs)]
+        # few warps per column block: every warp reloads the x fragment for its own MMAs
+        table = [(16, 32, 256, 4, "mma"), (16, 32, 128, 4, gs), (16, 64, 128, 4, gs),
+                 (16, 32, 128, 2, gs), (16, 32, 256, 2, gs), (16, 64, 128, 2, gs),
+                 (16, 32, 128, 1, gs), (16, 64, 256, 4, gs), (16, 128, 128, 4, gs),
+                 (16, 64, 256, 2, gs)]
         if per <= 2:
-            table += [(per, 32, 256, 4, "fma"), (per, 64, 256, 8, "fma"),
-                      (16, 64, 128, 4, gs, 2), (16, 64, 128, 4, gs, 4)]
+            table += [(per, 32, 256, 4, "fma"), (16, 64, 256, 4, gs, 2),
+                      (16, 32, 128, 2, gs, 2), (16, 64, 128, 2, gs, 2)]
     elif per <= 64:
         table = [(16, 64, 128, 4, "mma"), (32, 64, 128, 4, "mma"), (32, 32, 256, 4, "mma"),
                  (32, 64, 128, 4, gs), (16, 64, 128, 4, gs), (64, 64, 128, 4, "mma")]
@@ -372,7 +374,10 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
                 x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
                 key = config_lib.TunedKey(fmt, act or "none", s.experts, k, n_out,
                                           config_lib.rows_bucket(rows))
-                name, entry = _sweep(op, [(x, w, gs)], _candidates(fmt, rows, s.experts), key,
+                # 4 calls per timing (one host sync), expert labels rotated as in bench_row so
+                # that small experts do not stay in L2 from one call to the next
+                insts = [(x, w, jnp.roll(gs, 7 * i)) for i in range(4)]
+                name, entry = _sweep(op, insts, _candidates(fmt, rows, s.experts), key,
                                      f"{fmt} {proj} tokens={tokens}")
                 table[name] = entry
     return table
@@ -409,11 +414,15 @@ def main(argv=None) -> int:
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
     p.add_argument("--dense", action="store_true",
                    help="time the dense (attention / dense MLP / lm_head) linears instead")
+    p.add_argument("--wint2-decode", choices=("ptx", "jnp"), default="ptx",
+                   help="in-kernel WINT2 decode of mode mma_gs (A/B timing; ptx is the default)")
     p.add_argument("--out", default=None, help="JSON lines file")
     a = p.parse_args(argv)
+    codecs.WINT2_PTX_DECODE = a.wint2_decode == "ptx"
     tokens = [int(t) for t in a.tokens.split(",")]
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+                wint2_decode=a.wint2_decode,
                 command="python -m pallas_kernels.bench " + " ".join(argv or sys.argv[1:]))
     ceil = ceilings()
     meta.update(ceil)

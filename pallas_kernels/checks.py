@@ -124,6 +124,9 @@ def matrix(*, interpret: bool):
             yield dict(fmt=fmt, grouped=True, row_scale=True, m=2048, k=512, n=512, e=8,
                        padding=0, seed=4, config=TuningConfig(block_m=128, block_n=128,
                                                               block_k=128, num_warps=8))
+        yield dict(fmt="wint2", grouped=True, activation="swiglu", m=600, k=1024, n=1024, e=16,
+                   padding=40, seed=5, config=TuningConfig(block_m=16, block_n=64, block_k=256,
+                                                          mode="mma_gs"))
 
 
 def check_large_layer_stack() -> float:
@@ -179,8 +182,9 @@ def run_all(*, interpret: bool) -> None:
         s = check_matmul(interpret=interpret, **kw)
         n += 1
         print(f"check ok: {kw} -> {s}", flush=True)
-    for order in ("natural", "shuffled"):
-        exposed = check_wint2_decode_exact(interpret=interpret, k_order=order)
-        print(f"check ok: wint2 one-hot decode bit-exact ({order}); {exposed} (column, byte) "
-              f"pairs differ under unfused math", flush=True)
-    print(f"all {n + 2} kernel checks passed", flush=True)
+    gs = TuningConfig(block_m=16, block_n=32, block_k=128, mode="mma_gs")
+    for order, cfg in (("natural", None), ("shuffled", None), ("natural", gs)):
+        exposed = check_wint2_decode_exact(interpret=interpret, k_order=order, config=cfg)
+        print(f"check ok: wint2 one-hot decode bit-exact ({order}, {cfg}); {exposed} (column, "
+              f"byte) pairs differ under unfused math", flush=True)
+    print(f"all {n + 3} kernel checks passed", flush=True)

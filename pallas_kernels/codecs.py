@@ -185,11 +185,65 @@ def wint2_group(refs, consts, g, kb, bk: int, j: int, n0, bn: int, dtype, *,
     ss, cs, zp = consts
     per = GROUP_SIZE // 4  # 16 byte rows per group
     cols = pl.ds(n0, bn)
-    u = qw_ref[g, pl.ds(kb * (bk // 4) + j * per, per), cols].astype(jnp.int32)  # [16, bn]
-    uf = _as_f32(u | _MAGIC_I) - _MAGIC_F
-    bits = _as_i32(jnp.floor(fma_f32(uf, cs, zp, ptx=ptx_fma) + 0.5) + _MAGIC_F)
+    u = qw_ref[g, pl.ds(kb * (bk // 4) + j * per, per), cols]  # [16, bn] uint8
     sb = ws_ref[g, pl.ds(kb * (bk // (2 * GROUP_SIZE)) + j // 2, 1), cols].astype(jnp.int32)
     nib = (sb >> (4 if j % 2 == 0 else 0)) & 0xF  # [1, bn]
-    planes = [(_as_f32(((bits >> s) & 0x3F) | _MAGIC_I) - (_MAGIC_F + 32.0)).astype(dtype)
-              for s in _WINT2_SHIFTS]
+    if ptx_fma and dtype == jnp.bfloat16 and WINT2_PTX_DECODE:
+        planes = _wint2_q_bf16x2_ptx(u, cs, zp)
+    else:
+        uf = _as_f32(u.astype(jnp.int32) | _MAGIC_I) - _MAGIC_F
+        bits = _as_i32(jnp.floor(fma_f32(uf, cs, zp, ptx=ptx_fma) + 0.5) + _MAGIC_F)
+        planes = [(_as_f32(((bits >> s) & 0x3F) | _MAGIC_I) - (_MAGIC_F + 32.0)).astype(dtype)
+                  for s in _WINT2_SHIFTS]
     return planes, nib.astype(jnp.float32) * ss
+
+
+# The compiled kernel decodes mode "mma_gs" tiles with the hand-written PTX below (False: the
+# jnp expression above, which interpret mode always uses; kept for A/B timing in bench.py).
+WINT2_PTX_DECODE = True
+
+
+# One byte (zero-extended to 32 bits) -> the bits 0x4B000000 | code, 5 instructions.
+_PTX_CODE = """{
+or.b32 $0, $1, 0x4B000000; sub.rn.f32 $0, $0, 0f4B000000;
+fma.rn.f32 $0, $0, $2, $3; add.rn.f32 $0, $0, 0f3F000000; add.rm.f32 $0, $0, 0f4B000000;
+}"""
+
+_PTX_WINDOW = """{
+.reg .b32 c, msk, mgh, one, k160;
+mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+mov.b32 one, 0x3F803F80; mov.b32 k160, 0xC320C320;
+prmt.b32 c, $2, $3, 0x5410; shr.b32 c, c, SHIFT;
+lop3.b32 c, c, msk, mgh, 0xEA; fma.rn.bf16x2 $0, c, one, k160;
+prmt.b32 c, $4, $5, 0x5410; shr.b32 c, c, SHIFT;
+lop3.b32 c, c, msk, mgh, 0xEA; fma.rn.bf16x2 $1, c, one, k160;
+}"""
+
+
+def _wint2_q_bf16x2_ptx(u: jax.Array, cs: jax.Array, zp: jax.Array) -> list[jax.Array]:
+    """The 4 planes of exact integers q (bf16) of a ``[r, bn]`` uint8 tile (compiled GPU only).
+
+    Two inline-PTX steps. Codes, 5 instructions per byte::
+
+        f = (u | 0x4B000000) - 2^23           float(u), exact (no int -> float conversion)
+        f = fma.rn(f, cs, zp) + 0.5           the format's single rounding, then + 0.5 (.rn)
+        f = add.rm(f, 2^23)                   2^23 + floor(f): bits are 0x4B000000 | code
+
+    then per plane, for each pair of elements: ``prmt`` (code0 | code1 << 16), one shift, one
+    ``lop3`` (``& 0x003F003F | 0x43004300``: bf16 ``128 + window`` in each half) and one
+    ``fma.rn.bf16x2`` (``* 1 - 160``, exact): 2 instructions per weight, two weights a register,
+    where the jnp expression converts every weight f32 -> bf16 on its own. (One asm statement
+    with four outputs would save the repeated ``prmt``, but Pallas's Triton lowering of
+    multi-result inline asm drops all results but one: jax 0.11.2.)
+    """
+    cs, zp = jnp.broadcast_to(cs, u.shape), jnp.broadcast_to(zp, u.shape)
+    # The bytes arrive one per register whatever the layout (Triton reads the tile in the MMA
+    # operand layout: 4 consecutive elements of a thread are 4 different byte rows), so the code
+    # step takes one zero-extended byte per instance rather than 4 packed ones.
+    [bits] = plgpu.elementwise_inline_asm(
+        _PTX_CODE, args=[u.astype(jnp.int32), cs, zp], constraints="=r,r,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, jnp.int32)])
+    out = jax.ShapeDtypeStruct(u.shape, jnp.bfloat16)
+    return [plgpu.elementwise_inline_asm(
+        _PTX_WINDOW.replace("SHIFT", str(s)), args=[bits], constraints="=r,=r,r,r,r,r", pack=4,
+        result_shape_dtypes=[out])[0] for s in _WINT2_SHIFTS]

@@ -13,7 +13,7 @@ Grid and tiles::
 
     grid = (N_out / bn, T)          axis 0 (n tiles) varies fastest: consecutive programs share
                                     one x tile (kept in L2) and sweep one expert's columns
-    T    = ceil(M / bm) + E         static bound on (group, aligned bm-row block) pairs
+    T    = ceil(M / bm) + min(E, M) static bound on (group, aligned bm-row block) pairs
     tile t -> (group g, block b, rows [lo, hi))   a table built in jnp (no host sync);
              g == E marks the padding rows (zeros), lo == hi an unused tile (early exit)
 

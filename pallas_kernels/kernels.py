@@ -72,11 +72,15 @@ def _permute_columns(x: jax.Array, k: int, bk: int, planes: int, k_order: str) -
 
 
 def tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]:
-    """Traced ``(group, block, lo, hi)`` int32 ``[ceil(M/bm) + E]`` for rows sorted by group.
+    """Traced ``(group, block, lo, hi)`` int32 ``[ceil(M/bm) + min(E, M)]`` for rows sorted by
+    group.
 
     Tile t covers rows ``[lo, hi)`` of group ``group`` inside the aligned row block ``block``
     (rows ``block*bm .. block*bm + bm``). Rows past ``sum(group_sizes)`` form group ``E``
-    (written as zeros). Unused trailing tiles have ``lo == hi == 0``.
+    (written as zeros). Unused trailing tiles have ``lo == hi == 0``. Bound: each of the at most
+    ``min(E + 1, M)`` non-empty groups (padding included) adds at most one tile to the
+    ``ceil(M/bm)`` row blocks beyond the first group's; at one token (M = 8 rows of 64 experts)
+    that is 9 tiles, not 65 (each tile is a column of programs, and empty ones still launch).
     """
     e = group_sizes.shape[0]
     sizes = group_sizes.astype(jnp.int32)
@@ -88,7 +92,7 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]
     ntiles = jnp.where(sizes > 0, last - first + 1, 0)
     tile_end = jnp.cumsum(ntiles)
     tile_begin = tile_end - ntiles
-    t = jnp.arange(pl_cdiv(m, bm) + e, dtype=jnp.int32)
+    t = jnp.arange(pl_cdiv(m, bm) + min(e, m), dtype=jnp.int32)
     # Group of tile t = number of groups whose tiles end at or before t. A dense compare (one
     # small fusion) rather than jnp.searchsorted, whose while loop costs ~0.3 ms on a GPU.
     grp = jnp.minimum((tile_end[None, :] <= t[:, None]).sum(axis=1), e).astype(jnp.int32)

@@ -63,10 +63,13 @@ def test_bad_arguments(bad, msg):
 
 
 @pytest.mark.parametrize("sizes,m,bm", [([3, 0, 0, 20, 5], 40, 16), ([0, 0], 5, 16),
-                                        ([16, 16], 32, 16), ([1] * 8, 8, 1), ([7, 9], 16, 4)])
+                                        ([16, 16], 32, 16), ([1] * 8, 8, 1), ([7, 9], 16, 4),
+                                        # the bound ceil(M/bm) + min(E, M) is reached:
+                                        ([1] * 8 + [0] * 56, 8, 16), ([1, 1, 1], 8, 4),
+                                        ([1] * 7, 8, 16), ([2, 0, 3, 1, 0, 2], 9, 2)])
 def test_tile_table_covers_every_row_once(sizes, m, bm):
     grp, blk, lo, hi = (np.asarray(a) for a in kernels.tile_table(jnp.asarray(sizes), m, bm))
-    assert len(grp) == -(-m // bm) + len(sizes)
+    assert len(grp) == -(-m // bm) + min(len(sizes), m)
     owner = np.full(m, -1)
     for g, b, a, z in zip(grp, blk, lo, hi, strict=True):
         if z > a:
