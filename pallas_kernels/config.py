@@ -117,8 +117,8 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
 
     Few rows per expert: one 16-row tile per active expert, narrow column blocks (many
     programs stream weights in parallel) and a K block that keeps the decoded planes within
-    ~128 registers per thread (the decode is register-bound: at 255 registers the SM holds two
-    programs). Many rows per expert: 64-row tiles raise the MMA's arithmetic intensity.
+    ~128 registers per thread (occupancy is register-limited). Many rows per expert: 64-row
+    tiles raise the MMA's arithmetic intensity.
     """
     per_group = max(1, m // max(1, min(num_groups, m)))
     if per_group <= 16:

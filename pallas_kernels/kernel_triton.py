@@ -35,10 +35,12 @@ Modes (``TuningConfig.mode``; the tuned table picks one per row regime):
 * ``"mma"``: as drawn; one dot of depth bk/P per plane.
 * ``"mma_gs"`` (WINT2): per 64-row group, P dots of depth 16 on the raw integers q, then
   ``acc += part * (nib * super_scale)``: no per-weight scale gather, multiply or rounding
-  (10-15 % faster than ``"mma"`` at <= 64 tokens on the H100; rounding as in ``codecs.py``).
+  (10-15 % faster than ``"mma"`` at <= 64 tokens on the H100; rounding as in ``codecs.py``);
+  compiled, the integers come from hand-written PTX (``codecs._wint2_q_bf16x2_ptx``). The tuned
+  tables pick it up to ~256 tokens.
 * ``"mma_merged"``: planes interleaved back to natural K order, one dot of depth bk.
 * ``"fma"``: <= 8 rows per tile on CUDA-core FMAs ([bk/P, bn] fp32 partial sums per row,
-  reduced once), no tensor cores; the 1-token down projection picks it.
+  reduced once), no tensor cores; no longer picked by a tuned entry (mma_gs with split-K won).
 
 At small M every active expert has exactly one tile per n tile, so its packed weights are read
 from HBM exactly once; the decode runs in registers and only bf16 planes meet the MMA.
@@ -48,12 +50,14 @@ Triton lowering. It is the one Pallas GPU backend that (a) runs under ``interpre
 CPU, so CI executes this exact kernel body, and (b) works on jax 0.10.2 and 0.11.2 alike
 (Mosaic GPU's CPU interpreter is private and hangs on mixed-type matmuls in 0.10.2). Measured:
 the same skeleton with bf16 weights streams at 2.7 TB/s (81 % of DRAM peak, ncu) at 1 token,
-so the grid / tile-table / pipelining design is not the limit; with WINT2 the kernel is bound
-by the per-weight decode arithmetic (ncu: 255 registers/thread, 12.5 % occupancy, SM ~54 %
-busy, DRAM 9 %), which is where a Mosaic GPU kernel (register-level control of the bf16x2
-packing, wgmma from registers, warp-specialised TMA producers) would win; at >= 256 tokens the
-Triton MMA path reaches 21 % of the bf16 matmul peak. The op API (``api.py``) is
-backend-neutral: a Mosaic kernel can slot in behind ``implementation="pallas"`` unchanged.
+so the grid / tile-table / pipelining design is not the limit. With WINT2 (mode ``"mma_gs"``, PTX
+decode) the kernel is issue-bound: 7.2 thread instructions per weight, of which the decode is
+3.25; the rest is Triton's operand handling (one shared-memory load per byte in the MMA operand
+layout, the x fragment re-packed for every 8-column MMA; ncu + SASS in ``results/NOTES.md`` §13).
+A Mosaic GPU kernel with explicit layouts (wgmma with x as the shared operand, bytes arranged so
+one 32-bit load feeds a thread's fragment, TMA + warp specialisation) is where the rest is. At
+>= 256 tokens the Triton MMA path reaches 11-30 % of the bf16 matmul peak. The op API
+(``api.py``) is backend-neutral: a Mosaic kernel can slot in behind ``implementation="pallas"``.
 """
 
 from __future__ import annotations
