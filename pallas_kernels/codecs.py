@@ -20,7 +20,9 @@ shuffle), a codec returns ``P`` *planes* of ``[bk/P, bn]``: plane ``t`` holds K 
   ``(bits >> s) & 63`` is read off them directly; ``q = bitcast(0x4B000000 | w) - (2^23 + 32)``
   exactly; ``W = bf16(q * (nib * super_scale))`` — the product is exact in fp32, so the cast is
   the reference's single rounding. Valid checkpoints have codes in ``[0, 2^23)`` (they are
-  15-bit); negative codes are outside the format.
+  15-bit); negative codes are outside the format. Compiled, mode ``"mma_gs"`` gets its exact
+  integers ``q`` from the same arithmetic written in PTX (:func:`_wint2_q_bf16x2_ptx`: floor as
+  ``add.rm``, two bf16 weights per register); interpret mode runs the jnp expression.
 * WINT4 / WINT8: the integer ``q`` is exact in bf16, so the codec returns ``q`` and the kernel
   applies the per-column ``weight_scale`` to the fp32 accumulator (one multiply per output
   instead of one per weight). This equals the reference's ``bf16(q * s)`` per weight up to that
@@ -233,8 +235,9 @@ def _wint2_q_bf16x2_ptx(u: jax.Array, cs: jax.Array, zp: jax.Array) -> list[jax.
     ``lop3`` (``& 0x003F003F | 0x43004300``: bf16 ``128 + window`` in each half) and one
     ``fma.rn.bf16x2`` (``* 1 - 160``, exact): 2 instructions per weight, two weights a register,
     where the jnp expression converts every weight f32 -> bf16 on its own. (One asm statement
-    with four outputs would save the repeated ``prmt``, but Pallas's Triton lowering of
-    multi-result inline asm drops all results but one: jax 0.11.2.)
+    with four outputs would form the code pairs once, not per plane; Pallas's Triton lowering
+    returns one value for a multi-result inline asm in jax 0.11.2, and with that worked around
+    the single statement measured 40-50 % slower on the H100: ``results/NOTES.md`` §16.)
     """
     cs, zp = jnp.broadcast_to(cs, u.shape), jnp.broadcast_to(zp, u.shape)
     # The bytes arrive one per register whatever the layout (Triton reads the tile in the MMA
