@@ -298,7 +298,7 @@ def _check_hessians(qcfg: ErnieConfig, hessians: dict[str, np.ndarray], path) ->
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
                         w4_end_layer: int | None = None, calibration: str | None = None,
                         calibration_text: str | None = None,
-                        calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+                        calibration_tokens: int | None = None,
                         k_order: str = "natural", effort: str = "default",
                         num_shards: int = 2, force: bool = False,
                         progress: bool = True) -> QuantizeSummary:
@@ -314,7 +314,8 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         first ``calibration_tokens`` tokens (source tokenizer) layer by layer while quantizing,
         and each WINT2 expert's input Hessian (routed tokens only) drives the GPTQ-style byte
         choice (:class:`jaxwint2.calibrate.Calibrator`). Excludes ``calibration``.
-      calibration_tokens: token budget of ``calibration_text``.
+      calibration_tokens: token budget of ``calibration_text`` (``None``:
+        :data:`DEFAULT_CALIBRATION_TOKENS`).
       k_order: WINT2 in-group K order of the written bytes (wint2-format §3.2).
       effort: WINT2 search preset, ``"fast"`` / ``"default"`` / ``"best"``
         (:data:`converters.encode_wint2.EFFORT`).
@@ -349,7 +350,9 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *,
         raise CheckpointError("give either a Hessian file or calibration text, not both")
     hessians = load_hessians(calibration) if calibration else {}
     _check_hessians(qcfg, hessians, calibration)
-    calibrator = _text_calibrator(src, qcfg, calibration_text, calibration_tokens)
+    calibrator = _text_calibrator(
+        src, qcfg, calibration_text,
+        DEFAULT_CALIBRATION_TOKENS if calibration_tokens is None else calibration_tokens)
     summary = QuantizeSummary(src=str(src), dst=str(dst),
                               source_format=meta.get("source_format", "?"),
                               quantization_config=qcfg.quant.to_dict())

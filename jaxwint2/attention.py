@@ -27,7 +27,7 @@ It knows nothing of how blocks are allocated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +50,6 @@ SCORE_BLOCK_BYTES = 256 << 20
 # large (M = g * q_chunk, N = 512, K = head_dim) while causal skipping stays fine-grained.
 BLOCK_K = 512
 
-# A key loader: block index j (traced int32) -> k, v [B, block_k, n_kv, d].
-_Loader = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-
-
 def _floor_pow2(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
@@ -62,9 +58,9 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _plan(b: int, nh: int, t: int, s: int, unit: int, block_k: int | None,
+def _plan(b: int, nh: int, t: int, s: int, block_k: int | None,
           q_chunk: int | None) -> tuple[int, int]:
-    """``(q_chunk, block_k)`` for ``T=t`` queries over ``S=s`` keys; ``block_k % unit == 0``."""
+    """``(q_chunk, block_k)`` for ``T=t`` queries over ``S=s`` keys."""
     elems = max(SCORE_BLOCK_BYTES // 4 // (b * nh), 1)  # q_chunk * block_k that fit one step
     if block_k is None and q_chunk is None and t * s <= elems:
         tc, bk = t, s  # one step: decode, or a prefill small enough to score densely
@@ -75,20 +71,21 @@ def _plan(b: int, nh: int, t: int, s: int, unit: int, block_k: int | None,
         if block_k is None:  # few queries (decode of a big batch): larger key blocks
             block_k = max(BLOCK_K, _floor_pow2(elems // tc))
         bk = min(block_k, s)
-    return tc, min(_round_up(bk, unit), _round_up(s, unit))
+    return tc, bk
 
 
-def _attend_blocks(q: jax.Array, q_pos: jax.Array, k_pos: jax.Array, load: _Loader, *,
-                   n_kv: int, v_dtype, block_k: int, q_chunk: int,
+def _attend_blocks(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                   k_pos: jax.Array, *, block_k: int, q_chunk: int,
                    skip: bool | None) -> jax.Array:
-    """Online-softmax GQA attention of ``q [B, T, nh, d]`` over ``load``'s key blocks.
+    """Online-softmax GQA attention of ``q [B, T, nh, d]`` over ``k, v [B, S, n_kv, d]``.
 
-    ``k_pos [B, n_blocks * block_k]`` are the keys' positions in ``load``'s block layout (``-1``
-    = no key). ``skip``: loop only over the blocks some query of the chunk can see, with a
+    ``S`` is a multiple of ``block_k``; ``k_pos [B, S]`` are the keys' positions (``-1`` = no
+    key). ``skip``: loop only over the blocks some query of the chunk can see, with a
     dynamic trip count (on XLA-GPU a device-to-host sync per step, small next to a step of
     ``SCORE_BLOCK_BYTES``); ``None`` = whenever there is more than one block.
     """
     b, t, nh, d = q.shape
+    n_kv = k.shape[2]
     g = nh // n_kv
     n_blocks = k_pos.shape[1] // block_k
     skip = n_blocks > 1 if skip is None else skip
@@ -107,7 +104,8 @@ def _attend_blocks(q: jax.Array, q_pos: jax.Array, k_pos: jax.Array, load: _Load
 
         def step(j, carry):
             m, den, acc = carry  # [B, n_kv, g, Tc] x2, [B, n_kv, g, Tc, d], all fp32
-            kb, vb = load(j)  # [B, bk, n_kv, d]
+            kb = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=1)  # [B, bk, ..]
+            vb = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=1)
             kp = jax.lax.dynamic_slice_in_dim(k_pos, j * block_k, block_k, axis=1)  # [B, bk]
             s = jnp.einsum("btkgd,bskd->bkgts", qc, kb, preferred_element_type=jnp.float32,
                            precision=prec) * scale  # [B, n_kv, g, Tc, bk]
@@ -117,7 +115,7 @@ def _attend_blocks(q: jax.Array, q_pos: jax.Array, k_pos: jax.Array, load: _Load
             alpha = jnp.exp(m - m_new)  # 0 once a row sees its first key: drops masked terms
             p = jnp.exp(s - m_new[..., None])
             den = alpha * den + p.sum(axis=-1)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_dtype), vb,
+            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), vb,
                             preferred_element_type=jnp.float32, precision=prec)
             return m_new, den, alpha[..., None] * acc + pv
 
@@ -172,19 +170,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
       ``[B, T, n_heads, d]`` in ``q.dtype``.
     """
     b, t, nh, _ = q.shape
-    s, nkv = k.shape[1], k.shape[2]
-    tc, bk = _plan(b, nh, t, s, 1, block_k, q_chunk)
+    s = k.shape[1]
+    tc, bk = _plan(b, nh, t, s, block_k, q_chunk)
     if pad := _round_up(s, bk) - s:  # whole blocks: pad with keys that do not exist
         k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
         k_pos = jnp.pad(k_pos, ((0, 0), (0, pad)), constant_values=-1)
 
-    def load(j):
-        return (jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1),
-                jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1))
-
-    return _attend_blocks(q, q_pos, k_pos, load, n_kv=nkv, v_dtype=v.dtype, block_k=bk,
-                          q_chunk=tc, skip=skip)
+    return _attend_blocks(q, k, v, q_pos, k_pos, block_k=bk, q_chunk=tc, skip=skip)
 
 
 class Attention(nnx.Module):

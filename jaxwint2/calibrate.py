@@ -205,16 +205,18 @@ def _as_f32(tree: Mapping[str, Any]) -> Tree:
 def _layer_step(layer: DecoderLayer, x: jax.Array, capture: bool):
     """One layer on ``x [b, T, H]`` (fp32): ``(output, grams or None)``.
 
-    The MoE input is recomputed from the layer's own norm and attention blocks so the grams see
-    exactly what the experts see; the layer's output comes from the layer itself.
+    When capturing, the layer runs block by block (attention once, then the MoE on its own
+    input, as :meth:`DecoderLayer.__call__` composes them) so the grams see exactly what the
+    experts see; otherwise the layer itself runs.
     """
     b, t, h = x.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    y, _ = layer(x, positions)
     if not capture:
-        return y, None
+        return layer(x, positions)[0], None
     attn_out, _ = layer.attn(layer.input_norm(x), positions)
-    tokens = layer.post_attention_norm(x + attn_out).reshape(b * t, h)
+    moe_in = layer.post_attention_norm(x + attn_out)
+    y = x + attn_out + layer.mlp(moe_in)
+    tokens = moe_in.reshape(b * t, h)
     moe = layer.mlp
     _, experts = route(tokens, moe.router_weight[...], moe.router_bias[...], moe.k)
     dispatch = Dispatch(experts, moe.num_experts)

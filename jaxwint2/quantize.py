@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = quantize_checkpoint(args.src, args.dst, w4_end_layer=args.w4_end_layer,
                                       calibration=args.calibration,
                                       calibration_text=args.calibration_text,
-                                      **({"calibration_tokens": args.calibration_tokens}
-                                         if args.calibration_tokens is not None else {}),
+                                      calibration_tokens=args.calibration_tokens,
                                       k_order=args.k_order,
                                       effort=args.effort,
                                       num_shards=args.num_shards, force=args.force,

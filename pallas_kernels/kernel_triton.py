@@ -74,6 +74,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from .codecs import CODECS, wint2_group
 from .config import TuningConfig
+from .reference import apply_epilogue
 from .wint2 import GROUP_SIZE
 
 # jax 0.11 deprecates the Triton lowering (see the module docstring for why it is used here);
@@ -321,9 +322,4 @@ def grouped_matmul(x_planes: jax.Array, weights: tuple[jax.Array, ...],
     if split == 1:
         return out
     # split-K: add the partial sums, then the epilogue the kernel left out (one small fusion).
-    y = out.sum(axis=0)
-    if activation == "swiglu":
-        y = _silu(y[:, :n_out]) * y[:, n_out:]
-    if row_scale is not None:
-        y = y * row_scale[:, None]
-    return y.astype(out_dtype)
+    return apply_epilogue(out.sum(axis=0), activation, row_scale).astype(out_dtype)

@@ -172,7 +172,6 @@ def quant_matmul(x, w, *, interpret: bool, config: config_lib.TuningConfig | Non
     return _run(x, w, None, interpret=interpret, config=config, **kw)
 
 
-
 def quant_grouped_matmul(x, w, group_sizes, *, interpret: bool,
                          config: config_lib.TuningConfig | None = None, **kw):
     """Grouped ``epilogue(x[rows of e] @ W[e])``; see ``api.quant_grouped_matmul``."""
