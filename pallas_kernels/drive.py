@@ -1,0 +1,61 @@
+"""``python -m pallas_kernels.drive``: one grouped WINT2 projection, called in a loop.
+
+For profilers: a process with nothing but this kernel (and its tile table) in it, e.g.::
+
+    ncu --clock-control none --kernel-name regex:wint2 --launch-skip 2 --launch-count 1 \\
+        --section SourceCounters --page source --print-source sass --csv \\
+        python -m pallas_kernels.drive --tokens 1 --proj up_gate --config 16,32,128,4,mma_gs,1
+
+Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
+benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from . import kernels, shapes
+from .config import TuningConfig
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="ernie45_300b", choices=sorted(shapes.SHAPES))
+    p.add_argument("--tokens", type=int, default=1)
+    p.add_argument("--proj", choices=("up_gate", "down"), default="up_gate")
+    p.add_argument("--config", default=None,
+                   help="block_m,block_n,block_k,num_warps,mode,split_k (default: tuned)")
+    p.add_argument("--calls", type=int, default=20)
+    a = p.parse_args(argv)
+    cfg = None
+    if a.config:
+        bm, bn, bk, nw, mode, split = a.config.split(",")
+        cfg = TuningConfig(block_m=int(bm), block_n=int(bn), block_k=int(bk), num_warps=int(nw),
+                           mode=mode, split_k=int(split))
+    s = shapes.SHAPES[a.shape]
+    k, n = s.up_gate if a.proj == "up_gate" else s.down
+    act = "swiglu" if a.proj == "up_gate" else None
+    w = shapes.random_linear(jax.random.key(0), "wint2", k, n, s.experts)
+    gs = jnp.asarray(shapes.group_sizes(shapes.route(a.tokens, s, "uniform", seed=a.tokens),
+                                        s.experts))
+    x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
+    f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
+        x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
+        config=cfg))
+    for _ in range(3):  # compile, warm up
+        jax.block_until_ready(f(x, w, gs))
+    t0 = time.perf_counter()
+    for _ in range(a.calls):
+        y = f(x, w, gs)
+    jax.block_until_ready(y)
+    print(f"{a.shape} {a.proj} tokens={a.tokens} {cfg or 'tuned config'}: "
+          f"{(time.perf_counter() - t0) / a.calls * 1e6:.1f} us per call "
+          f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
+
+
+if __name__ == "__main__":
+    main()
