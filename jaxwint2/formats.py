@@ -56,11 +56,14 @@ class WeightFormat:
       kernels: ``"pallas"`` (Pallas kernels; interpret mode on CPU), ``"reference"`` (jnp decode
         + XLA) or ``"auto"`` (Pallas where the GPU supports the shape, reference elsewhere).
       k_order: WINT2 in-group K order of the checkpoint (``"natural"`` / ``"shuffled"``).
+      byte_order: ``"rows"`` (packed rows as in the checkpoint) or ``"fragments"`` (WINT2
+        experts re-ordered for the Mosaic GPU kernel: :func:`pallas_kernels.to_fragments`).
     """
 
     name: Format
     kernels: Kernels = "auto"
     k_order: KOrder = "natural"
+    byte_order: str = "rows"
 
     def __post_init__(self):
         if self.name not in FORMATS:
@@ -68,6 +71,8 @@ class WeightFormat:
         implementation_for(self.kernels)
         if self.k_order not in ("natural", "shuffled"):
             raise ValueError(f"k_order must be 'natural' or 'shuffled', got {self.k_order!r}")
+        if self.byte_order not in ("rows", "fragments"):
+            raise ValueError(f"byte_order must be 'rows' or 'fragments', got {self.byte_order!r}")
 
     @property
     def implementation(self) -> str | None:
@@ -106,8 +111,11 @@ class WeightFormat:
         return pallas_kernels.quant_grouped_matmul(
             x, w, group_sizes, fmt=self.name, k_order=self.k_order, activation=activation,
             row_scale=row_scale, out_dtype=out_dtype,
-            implementation=self.implementation_for_input(x), layer=layer)
+            implementation=self.implementation_for_input(x), layer=layer,
+            byte_order=self.byte_order)
 
     def dequantize(self, w: dict[str, jax.Array], dtype=jnp.bfloat16) -> jax.Array:
         """The dense ``[..., K, N]`` weight the matmuls compute with (tests, debugging)."""
+        if self.byte_order == "fragments":
+            w = pallas_kernels.from_fragments(w)
         return pallas_kernels.dequantize(w, self.name, k_order=self.k_order, dtype=dtype)

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+import pallas_kernels
 
 from . import kv_cache as kvc
 from . import layout
@@ -93,7 +96,10 @@ class ErnieForCausalLM(nnx.Module):
       cfg: the model's :class:`ErnieConfig`.
       params: runtime-layout tree (``jaxwint2/layout.py``); ``params["layers"]`` is the list of
         per-layer trees, or pass ``params["layer_stacks"]`` (one tree per
-        :func:`layer_groups` run, leaves stacked on a leading axis) to skip stacking.
+        :func:`layer_groups` run, leaves stacked on a leading axis) to skip stacking. On a
+        Hopper GPU (bf16, one device, kernels not ``"reference"``) the model takes ownership of
+        the WINT2 expert stacks: their bytes are re-ordered in place for the Mosaic GPU kernel
+        (:func:`pallas_kernels.to_fragments`), so the given arrays of those leaves are consumed.
       kernels: ``"pallas"`` | ``"reference"`` | ``"auto"`` (see :mod:`jaxwint2.formats`).
       dtype: activation / compute dtype, ``"bfloat16"`` or ``"float32"``.
       k_order: WINT2 in-group K order of the checkpoint (``meta["k_order"]``).
@@ -122,16 +128,42 @@ class ErnieForCausalLM(nnx.Module):
             raise ValueError(f"params['layer_stacks'] has {len(stacks)} entries, expected "
                              f"{len(groups)} (one per layer_groups(cfg) run)")
 
+        expert_fmts = []
+        stacks = list(stacks)
+        for i, (g, st) in enumerate(zip(groups, stacks, strict=True)):
+            fmt = None
+            if cfg.is_moe_layer(g.start):
+                fmt = WeightFormat(cfg.expert_format(g.start), kernels, k_order)
+                if self._use_fragments(fmt, st["mlp"]["experts"], axis_name):
+                    fmt = dataclasses.replace(fmt, byte_order="fragments")
+                    experts = {proj: pallas_kernels.to_fragments(w, in_place=True)
+                               for proj, w in st["mlp"]["experts"].items()}
+                    stacks[i] = {**st, "mlp": {**st["mlp"], "experts": experts}}
+            expert_fmts.append(fmt)
+
         self.embed = Embedding(params["embed"]["weight"], axis_name=axis_name)
         self.stacks = nnx.List([
-            LayerStack(cfg, g, st, dense_fmt=dense_fmt,
-                       expert_fmt=(WeightFormat(cfg.expert_format(g.start), kernels, k_order)
-                                   if cfg.is_moe_layer(g.start) else None),
-                       axis_name=axis_name)
-            for g, st in zip(groups, stacks, strict=True)])
+            LayerStack(cfg, g, st, dense_fmt=dense_fmt, expert_fmt=fmt, axis_name=axis_name)
+            for g, st, fmt in zip(groups, stacks, expert_fmts, strict=True)])
         self.final_norm = RMSNorm(params["final_norm"]["weight"], cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(params["lm_head"]["weight"])
         self.axis_name = axis_name
+
+    def _use_fragments(self, fmt: WeightFormat, experts: Mapping[str, Any],
+                       axis_name: str | None) -> bool:
+        """WINT2 experts go to the Mosaic GPU kernel (fragment byte order) on a Hopper GPU.
+
+        Not under tensor parallelism yet (each shard would re-order its own bytes) and not for
+        fp32 activations or the reference kernels. Measured reason: ``pallas_kernels/results/
+        NOTES.md`` §20 (1.5-2.7x the Triton kernel at 1-256 tokens, H100).
+        """
+        if (fmt.name != "wint2" or fmt.kernels == "reference" or self.dtype != "bfloat16"
+                or fmt.k_order != "natural" or axis_name is not None
+                or not pallas_kernels.fragments_available()):
+            return False
+        return all(pallas_kernels.fragments_support(4 * w["quant_weight"].shape[-2],
+                                                    w["quant_weight"].shape[-1])
+                   for w in experts.values())
 
     @classmethod
     def from_params(cls, cfg: ErnieConfig, params: Mapping[str, Any], **kw) -> ErnieForCausalLM:

@@ -8,6 +8,10 @@ Imports only jax and numpy: no Flax and nothing from ``jaxwint2`` (checked by a 
 # ---- weight-only quantized matmuls (runtime layout: jaxwint2/layout.py) ----
 from .api import quant_grouped_matmul as quant_grouped_matmul
 from .api import quant_matmul as quant_matmul
+from .kernel_mosaic import available as fragments_available  # noqa: F401
+from .kernel_mosaic import from_fragments as from_fragments
+from .kernel_mosaic import supports as fragments_support  # noqa: F401
+from .kernel_mosaic import to_fragments as to_fragments
 
 # ---- decode attention over the paged KV cache (layout: jaxwint2/kv_cache.py) ----
 from .paged_attention import paged_attention as paged_attention

@@ -17,6 +17,7 @@ from . import reference
 from .reference import Activation, Fmt
 
 Implementation = str | None
+ByteOrder = str  # "rows" | "fragments"
 
 
 def _on_gpu() -> bool:
@@ -73,16 +74,24 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
                          fmt: Fmt, k_order: str = "natural", activation: Activation = None,
                          row_scale: jax.Array | None = None, out_dtype=None,
                          implementation: Implementation = None,
-                         layer: jax.Array | int | None = None) -> jax.Array:
+                         layer: jax.Array | int | None = None,
+                         byte_order: ByteOrder = "rows") -> jax.Array:
     """Grouped (MoE) ``y[rows of e] = epilogue(x[rows of e] @ W[e])``; rows sorted by group.
 
     Args as :func:`quant_matmul`, plus ``group_sizes`` int32 ``[E]`` (rows per expert, in
-    order; may sum to less than M, trailing rows are padding and come out as zeros), and ``w``
-    stacked ``[E, ...]`` (``[L, E, ...]`` with ``layer``).
+    order; may sum to less than M, trailing rows are padding and come out as zeros), ``w``
+    stacked ``[E, ...]`` (``[L, E, ...]`` with ``layer``), and ``byte_order``: ``"rows"`` (the
+    checkpoint's packed rows) or, WINT2 only, ``"fragments"`` (bytes re-ordered by
+    :func:`pallas_kernels.to_fragments` for the Mosaic GPU kernel, ``kernel_mosaic.py``).
     """
     kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
               out_dtype=out_dtype)
     ref = reference.quant_grouped_matmul_reference
+    if byte_order == "fragments":
+        return _grouped_fragments(x, w, group_sizes, implementation=implementation, layer=layer,
+                                  **kw)
+    if byte_order != "rows":
+        raise ValueError(f"byte_order must be 'rows' or 'fragments', got {byte_order!r}")
     if implementation == "xla":
         return ref(x, _layer_of(w, layer), group_sizes, **kw)
     if implementation not in ("pallas", None):
@@ -96,3 +105,21 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
         if implementation == "pallas":
             raise
         return ref(x, _layer_of(w, layer), group_sizes, **kw)
+
+
+def _grouped_fragments(x, w, group_sizes, *, implementation, layer, fmt, k_order, **kw):
+    from . import kernel_mosaic
+
+    if fmt != "wint2" or k_order != "natural":
+        raise ValueError(f"byte_order='fragments' holds natural-order wint2 weights, got {fmt=} "
+                         f"{k_order=}")
+    if implementation not in ("pallas", "xla", None):
+        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
+    if implementation != "xla":
+        try:
+            return kernel_mosaic.grouped_matmul_fragments(x, w, group_sizes, layer=layer, **kw)
+        except NotImplementedError:
+            if implementation == "pallas":
+                raise
+    rows = kernel_mosaic.from_fragments(_layer_of(w, layer))
+    return reference.quant_grouped_matmul_reference(x, rows, group_sizes, fmt=fmt, **kw)

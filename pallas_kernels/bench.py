@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, codecs, reference, shapes
+from . import checks, codecs, kernel_mosaic, reference, shapes
 from . import config as config_lib
 from .api import quant_grouped_matmul
 from .numerics import assert_close
@@ -74,9 +74,10 @@ def ceilings() -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def ffn_pallas(x, w_up, w_down, gs, rw, *, fmt, impl="pallas"):
-    h = quant_grouped_matmul(x, w_up, gs, fmt=fmt, activation="swiglu", implementation=impl)
-    return quant_grouped_matmul(h, w_down, gs, fmt=fmt, row_scale=rw, implementation=impl)
+def ffn_pallas(x, w_up, w_down, gs, rw, *, fmt, impl="pallas", byte_order="rows"):
+    kw = dict(fmt=fmt, implementation=impl, byte_order=byte_order)
+    h = quant_grouped_matmul(x, w_up, gs, activation="swiglu", **kw)
+    return quant_grouped_matmul(h, w_down, gs, row_scale=rw, **kw)
 
 
 def ffn_static(x, w_up, w_down, rw, *, fmt, sizes):
@@ -122,7 +123,11 @@ class Case:
             k1, k2 = jax.random.split(jax.random.fold_in(key, j))
             self.w[fmt] = (shapes.random_linear(k1, fmt, *shape.up_gate, shape.experts),
                            shapes.random_linear(k2, fmt, *shape.down, shape.experts))
-        jax.block_until_ready(self.w)
+        # The Mosaic GPU kernel's copy of the WINT2 experts (fragment byte order), if it runs here.
+        self.frag = None
+        if "wint2" in self.w and kernel_mosaic.available():
+            self.frag = tuple(kernel_mosaic.to_fragments(w) for w in self.w["wint2"])
+        jax.block_until_ready((self.w, self.frag))
 
 
 def _instances_count(active_bytes: int, rows: int, hidden: int) -> int:
@@ -158,23 +163,26 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
         out.append(row)
         print(json.dumps(row), flush=True)
 
-    for fmt in ("wint2", "wint4"):
-        w_up, w_down = case.w[fmt]
-        fn = functools.partial(ffn_pallas, fmt=fmt)
+    runs = [("pallas", fmt, case.w[fmt], "rows") for fmt in ("wint2", "wint4")]
+    if case.frag is not None:
+        runs.insert(0, ("pallas_mosaic", "wint2", case.frag, "fragments"))
+    for impl, fmt, (w_up, w_down), order in runs:
+        fn = functools.partial(ffn_pallas, fmt=fmt, byte_order=order)
         insts = [(xs[i], w_up, w_down, jnp.asarray(np.roll(gs, shifts[i])), rw) for i in range(r)]
         y = jax.jit(fn)(*insts[0])
         if rows * s.experts * s.hidden * 2 > 16 * 2**30:
             # XLA's GPU ragged_dot materialises [rows, E, K]: no reference at this size.
             print(f"(no reference check at {rows} rows: ragged_dot would need "
                   f"{rows * s.experts * s.hidden * 2 / 2**30:.0f} GiB)", flush=True)
-            record("pallas", fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
+            record(impl, fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
             continue
-        ref = jax.jit(functools.partial(ffn_pallas, fmt=fmt, impl="xla"))(*insts[0])
+        ref = jax.jit(functools.partial(ffn_pallas, fmt=fmt, impl="xla",
+                                        byte_order=order))(*insts[0])
         # Two chained bf16 roundings (h, then y): a one-ulp difference in h moves y, so the
         # FFN is held to rel-L2 and 97% elementwise; each op alone is checked tighter (checks).
         assert_close(y, ref, rel_l2=1e-2, min_frac_close=0.97,
-                     context=f"{s.name} {fmt} ffn tokens={tokens} {routing}")
-        record("pallas", fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
+                     context=f"{s.name} {impl} {fmt} ffn tokens={tokens} {routing}")
+        record(impl, fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
 
     if baselines:
         for impl, fmt in (("xla_bf16", "bf16"), ("xla_naive_decode", "wint2")):
@@ -392,14 +400,17 @@ def _table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["shape"], r["routing"], r["tokens"]), {})[r["impl"] + ":" + r["fmt"]] = r
-    lines = ["| shape | routing | tokens | WINT2 µs | %copy BW | TFLOP/s (%bf16 mm) | "
-             "x vs bf16 XLA | x vs naive | x vs WINT4 |", "|" + "---|" * 9]
+    lines = ["| shape | routing | tokens | WINT2 kernel | WINT2 µs | %copy BW | "
+             "TFLOP/s (%bf16 mm) | x vs bf16 XLA | x vs naive | x vs WINT4 | x vs Triton WINT2 |",
+             "|" + "---|" * 11]
     for (shape, routing, tokens), d in by.items():
-        w2 = d["pallas:wint2"]
+        best = "pallas_mosaic:wint2" if "pallas_mosaic:wint2" in d else "pallas:wint2"
+        w2 = d[best]
         ratio = lambda k: f"{d[k]['us'] / w2['us']:.2f}" if k in d else "-"  # noqa: E731
-        lines.append(f"| {shape} | {routing} | {tokens} | {w2['us']:.1f} | {w2['pct_copy']:.0f}% | "
-                     f"{w2['TFLOPs']:.1f} ({w2['pct_mm']:.0f}%) | {ratio('xla_bf16:bf16')} | "
-                     f"{ratio('xla_naive_decode:wint2')} | {ratio('pallas:wint4')} |")
+        lines.append(f"| {shape} | {routing} | {tokens} | {best.split(':')[0]} | {w2['us']:.1f} | "
+                     f"{w2['pct_copy']:.0f}% | {w2['TFLOPs']:.1f} ({w2['pct_mm']:.0f}%) | "
+                     f"{ratio('xla_bf16:bf16')} | {ratio('xla_naive_decode:wint2')} | "
+                     f"{ratio('pallas:wint4')} | {ratio('pallas:wint2')} |")
     return "\n".join(lines)
 
 

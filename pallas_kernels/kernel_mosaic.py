@@ -1,0 +1,569 @@
+"""The Mosaic GPU (Hopper) WINT2 grouped matmul: packed bytes decoded straight into wgmma operands.
+
+The Triton kernel (``kernel_triton.py``) is issue-bound: Triton decodes in the mma.sync operand
+layout, so it reads one byte per shared-memory load and re-packs the x fragment for every 8-column
+MMA (7.2 thread instructions per weight, ``results/NOTES.md`` §13). This kernel controls both
+layouts itself. It computes the *transposed* product of each tile::
+
+    out[rows, n0:n0+64]^T = sum over K steps of  A_t [64 n, 64 k]  @  x^T [64 k, bm rows]
+      A_t: plane t of the decoded weights, bf16 in *registers* (the wgmma A operand)
+      x^T: the tile's x rows in shared memory (TMA, 128-byte swizzle; the wgmma B operand)
+
+so the 64 weight columns of a warpgroup are wgmma's M side and the tokens its N side (8 to 256):
+a decode step with one token per expert costs one m64n8k16 wgmma per 1024 weights, and the
+expensive part, the decode, runs exactly once per weight whatever the token count.
+
+**Fragment layout.** :func:`fragment_weights` pre-arranges the packed bytes ``[G, K/4, N]`` so that
+each thread's bytes for one 256-deep K step are 32 contiguous bytes (two 16-byte shared-memory
+loads, bank-conflict free): thread ``t`` = (warp w, lane l) owns rows ``n = 16w + l//4 (+8)`` and
+byte columns ``p = 8j + 2(l%4) (+1)``, exactly its elements of wgmma's register A fragment. One
+K step of one 64-column block is one contiguous 4 KiB chunk that TMA copies as it is; the group
+scale nibbles are pre-arranged the same way (4 bytes a lane quad a step, :func:`fragment_scales`).
+
+**Decode, per byte then per pair (inline PTX, 2.8 instructions per weight)**::
+
+    f = bits(0x4B0000uu) - 2^23            one prmt puts the byte under the 2^23 exponent, exact
+    code = add.rm(fma.rn(f, cs, zp + 0.5), 2^23)  the format's floor(fma(u, cs, zp) + 0.5), below
+    pair = prmt(code_a, code_b)            two 15-bit codes, one register
+    per plane s in (9, 6, 3, 0):           window w -> bf16 128 + w (lop3 with 0x4300)
+      A = fma.rn.bf16x2(128 + w, nib, -160 * nib) = bf16(q * nib),  q = w - 32
+
+``zp + 0.5`` is formed once per program (exact while ``|zp| < 2^22``): for codes below 2^22,
+adding 0.5 to a float whose ulp is at most 0.5 commutes with round-to-nearest, and at a power of
+two both roundings land on it, so one fused rounding floors to the format's ``floor(fma + 0.5)``
+(valid checkpoints have 15-bit codes). The group scale's nibble goes into the bf16 weight: one
+rounding of the exact ``q * nib``, like the reference's one rounding of ``q * nib * super_scale``
+(identical when ``|q * nib| <= 256``); the per-column ``super_scale`` multiplies the fp32
+accumulator. So the wgmma accumulates the whole K range with no per-group partial sums.
+
+Tiles, routing and the epilogue are the Triton kernel's (``kernels.tile_table``): program
+``(j, t)`` computes 64 output columns (and their 64 up-projection partners under SwiGLU) for the
+bm-row block of tile t, and stores the rows ``[lo, hi)`` of its group.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_N = 64  # output columns per warpgroup (wgmma M)
+BLOCK_K = 256  # K rows per pipeline step: 4 planes of 64 (one 128-byte swizzle row of x)
+STEP_BYTES = BLOCK_N * BLOCK_K // 4  # 4096 packed bytes per (column block, K step)
+_CODE_LIMIT = 2.0**22
+
+
+# --------------------------------------------------------------------------------------------
+# Device layout (numpy/jnp, no GPU): a pure permutation of the packed bytes.
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _byte_positions() -> tuple[np.ndarray, np.ndarray]:
+    """``(p, n)`` of every byte of one 4 KiB fragment chunk (p: byte row in the step, n: column)."""
+    f = np.arange(STEP_BYTES)
+    half, t, word, byte = f // 2048, (f % 2048) // 16, (f % 16) // 4, f % 4
+    warp, lane = t // 32, t % 32
+    j, i, b = 4 * half + word, byte // 2, byte % 2  # k tile of 8 byte rows, row half, pair
+    n = 16 * warp + lane // 4 + 8 * i
+    p = 8 * j + 2 * (lane % 4) + b
+    return p, n
+
+
+@functools.cache
+def _scale_positions() -> tuple[np.ndarray, np.ndarray]:
+    """``(scale row in the step, n)`` of every byte of one 128-byte scale chunk.
+
+    The 4 lanes of a quad share their rows, so the chunk holds one 4-byte word per quad
+    ``(warp, lane // 4)``: bytes ``(row half i, scale row)``; each lane loads its quad's word.
+    """
+    f = np.arange(128)
+    quad, byte = f // 4, f % 4
+    i, srow = byte // 2, byte % 2
+    return srow, 16 * (quad // 8) + quad % 8 + 8 * i
+
+
+def fragment_weights(qw):
+    """``[G, K/4, N]`` packed WINT2 bytes -> ``[G, N/64, K/256, 16, 256]`` fragment chunks."""
+    g, kq, n = qw.shape
+    _check_dims(4 * kq, n)
+    p, nn = _byte_positions()
+    xp = jnp if isinstance(qw, jax.Array) else np
+    w = qw.reshape(g, kq // 64, 64, n // BLOCK_N, BLOCK_N).transpose(0, 3, 1, 2, 4)
+    w = w.reshape(g, n // BLOCK_N, kq // 64, 64 * BLOCK_N)[..., xp.asarray(p * BLOCK_N + nn)]
+    return w.reshape(g, n // BLOCK_N, kq // 64, 16, 256)
+
+
+def fragment_scales(ws):
+    """``[G, K/128, N]`` scale bytes (two 64-row groups each) -> ``[G, N/64, K/256, 128]``."""
+    g, k2, n = ws.shape
+    _check_dims(128 * k2, n)
+    srow, nn = _scale_positions()
+    xp = jnp if isinstance(ws, jax.Array) else np
+    s = ws.reshape(g, k2 // 2, 2, n // BLOCK_N, BLOCK_N).transpose(0, 3, 1, 2, 4)
+    s = s.reshape(g, n // BLOCK_N, k2 // 2, 2 * BLOCK_N)[..., xp.asarray(srow * BLOCK_N + nn)]
+    return s.reshape(g, n // BLOCK_N, k2 // 2, 128)
+
+
+def _check_dims(k: int, n: int) -> None:
+    if k % BLOCK_K or n % BLOCK_N:
+        raise NotImplementedError(
+            f"the Mosaic WINT2 kernel needs K % {BLOCK_K} == 0 and N % {BLOCK_N} == 0, got "
+            f"K={k}, N={n}")
+
+
+def unfragment_weights(qwf):
+    """Inverse of :func:`fragment_weights` (tests and debugging)."""
+    g, nb, ks = qwf.shape[:3]
+    p, nn = _byte_positions()
+    out = np.empty((g, nb, ks, 64, BLOCK_N), np.uint8)
+    out[:, :, :, p, nn] = np.asarray(qwf).reshape(g, nb, ks, STEP_BYTES)
+    return out.transpose(0, 2, 3, 1, 4).reshape(g, ks * 64, nb * BLOCK_N)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel (Mosaic GPU; imported lazily: jax 0.10's Mosaic GPU API differs and CPUs lack it).
+# --------------------------------------------------------------------------------------------
+
+_CODE_ASM = """{{
+.reg .b32 m;
+mov.b32 m, 0x4B000000;
+prmt.b32 m, $1, m, 0x765{byte};
+sub.rn.f32 m, m, 0f4B000000;
+fma.rn.f32 m, m, $2, $3;
+add.rm.f32 $0, m, 0f4B000000;
+}}"""
+
+_PLANES_ASM = """{
+.reg .b32 c, w, msk, mgh;
+mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+prmt.b32 c, $4, $5, 0x5410;
+shr.b32 w, c, 9; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $0, w, $6, $7;
+shr.b32 w, c, 6; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $1, w, $6, $7;
+shr.b32 w, c, 3; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $2, w, $6, $7;
+lop3.b32 w, c, msk, mgh, 0xEA; fma.rn.bf16x2 $3, w, $6, $7;
+}"""
+
+# One scale byte -> (nib, nib) and (-160 nib, -160 nib) as bf16x2, for the high and low nibble.
+_NIB_ASM = """{{
+.reg .b32 v, x, z, msk, mgh, one, m128, m160, k;
+mov.b32 z, 0; mov.b32 msk, 0x000F000F; mov.b32 mgh, 0x43004300; mov.b32 one, 0x3F803F80;
+mov.b32 m128, 0xC300C300; mov.b32 m160, 0xC320C320; mov.b32 k, 0x46A046A0;
+prmt.b32 v, $4, z, 0x4{byte}4{byte};
+shr.b32 x, v, 4; lop3.b32 x, x, msk, mgh, 0xEA;
+fma.rn.bf16x2 $0, x, one, m128; fma.rn.bf16x2 $1, x, m160, k;
+lop3.b32 x, v, msk, mgh, 0xEA;
+fma.rn.bf16x2 $2, x, one, m128; fma.rn.bf16x2 $3, x, m160, k;
+}}"""
+
+
+def _mgpu():
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, vector
+    from jax._src.lib.mlir.dialects import math as mlir_math
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+
+    return ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu
+
+
+def _asm(llvm, ir, text, constraints, args, n_out):
+    i32 = ir.IntegerType.get_signless(32)
+    if n_out == 1:
+        return [llvm.inline_asm(i32, args, text, constraints, has_side_effects=False)]
+    struct = llvm.inline_asm(llvm.StructType.get_literal([i32] * n_out), args, text, constraints,
+                             has_side_effects=False)
+    return [llvm.extractvalue(i32, struct, [k]) for k in range(n_out)]
+
+
+def _decode_step(q_smem, s_smem, consts):
+    """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout."""
+    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    i8 = ir.IntegerType.get_signless(8)
+    index = ir.IndexType.get()
+    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+    tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
+    tid = arith.remui(tid, mu.c(128, i32))
+
+    def idx(v):
+        return arith.index_cast(index, v)
+
+    # consts: a WG_STRIDED f32 [512] array, thread t holding (cs0, cs1, zp0, zp1) (rows +0, +8).
+    [cz] = consts.registers.flat  # vector<4xf32>
+    cs = [vector.extract(cz, dynamic_position=[], static_position=[i]) for i in (0, 1)]
+    zp = [vector.extract(cz, dynamic_position=[], static_position=[i]) for i in (2, 3)]
+
+    # Scale word of the thread's quad: bytes (i, srow) = (row half, scale row of the step).
+    soff = arith.muli(arith.divui(tid, mu.c(4, i32)), mu.c(4, i32))
+    sv = vector.load(ir.VectorType.get((4,), i8), s_smem, [idx(soff)])
+    sword = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), sv),
+                           dynamic_position=[], static_position=[0])
+    nib = {}  # (i, group q) -> (nib2, k2)
+    for i in range(2):
+        for srow in range(2):
+            hi2, hik, lo2, lok = _asm(llvm, ir, _NIB_ASM.format(byte=2 * i + srow),
+                                      "=r,=r,=r,=r,r", [sword], 4)
+            nib[(i, 2 * srow)] = (hi2, hik)
+            nib[(i, 2 * srow + 1)] = (lo2, lok)
+
+    regs = [np.empty((1, 8, 1, 1, 2, 1, 1, 1, 1), dtype=object) for _ in range(4)]
+    for half in range(2):
+        row = arith.addi(mu.c(8 * half, i32), arith.divui(tid, mu.c(16, i32)))
+        col = arith.muli(arith.remui(tid, mu.c(16, i32)), mu.c(16, i32))
+        v = vector.load(ir.VectorType.get((16,), i8), q_smem, [idx(row), idx(col)])
+        words = vector.bitcast(ir.VectorType.get((4,), i32), v)
+        for word in range(4):
+            j = 4 * half + word
+            w = vector.extract(words, dynamic_position=[], static_position=[word])
+            codes = [_asm(llvm, ir, _CODE_ASM.format(byte=b), "=r,r,f,f",
+                          [w, cs[b // 2], zp[b // 2]], 1)[0] for b in range(4)]
+            for i in range(2):
+                n2, k2 = nib[(i, j // 2)]
+                outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r,r",
+                            [codes[2 * i], codes[2 * i + 1], n2, k2], 4)
+                for plane, o in enumerate(outs):
+                    regs[plane][0, j, 0, 0, i, 0, 0, 0, 0] = mu.bitcast(o, bf16x2)
+    return [fa.FragmentedArray(_registers=r, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+            for r in regs]
+
+
+def _consts_regs(cs_ref, zp_ref):
+    """Inside ``inline_mgpu``: thread t's ``(cs, cs, zp + 0.5, zp + 0.5)`` of rows n, n + 8."""
+    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+    tid = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mu.c(128, i32))
+    r = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                   arith.divui(arith.remui(tid, mu.c(32, i32)), mu.c(4, i32)))
+    rows = [r, arith.addi(r, mu.c(8, i32))]
+    f32 = ir.F32Type.get()
+    vals = [memref.load(ref, [arith.index_cast(index, n)]) for ref in (cs_ref, zp_ref)
+            for n in rows]
+    half = arith.constant(f32, 0.5)
+    vals[2:] = [arith.addf(v, half) for v in vals[2:]]  # zp + 0.5: exact (|zp| < 2^22)
+    vec = vector.from_elements(ir.VectorType.get((4,), f32), vals)
+    layout = fa.WGStridedFragLayout((512,), 4)
+    return fa.FragmentedArray(_registers=np.array([vec], dtype=object), _layout=layout,
+                              _is_signed=None)
+
+
+def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, *, row0_ref, n0s, bm: int,
+                swiglu: bool, zero: bool):
+    """Inside ``inline_mgpu``: scale, activate and store rows ``[lo, hi)`` of the transposed tile.
+
+    ``accs``: fp32 ``[64, bm]`` WGMMA-layout accumulators (one, or gate and up); element (n, m)
+    goes to ``out[row0 + m, n0 + n]``.
+    """
+    ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    f32 = ir.F32Type.get()
+    bf16 = ir.BF16Type.get()
+    index = ir.IndexType.get()
+    tid = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mu.c(128, i32))
+    lane = arith.remui(tid, mu.c(32, i32))
+    r = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                   arith.divui(lane, mu.c(4, i32)))
+    c2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    load0 = lambda ref: memref.load(ref, [arith.constant(index, 0)])  # noqa: E731
+    lo, hi, row0 = load0(lo_ref), load0(hi_ref), load0(row0_ref)
+    n0 = n0s[0]
+    for i in range(2):
+        n = arith.addi(r, mu.c(8 * i, i32))
+        ss = [memref.load(ref, [arith.index_cast(index, n)]) for ref in ss_refs]
+        for jj in range(bm // 8):
+            for e in range(2):
+                m = arith.addi(row0, arith.addi(mu.c(8 * jj + e, i32), c2))
+                if zero:
+                    y = arith.constant(f32, 0.0)
+                else:
+                    vals = [vector.extract(a.registers[0, jj, 0, 0, i, 0, 0, 0, 0],
+                                           dynamic_position=[], static_position=[e])
+                            for a in accs]
+                    vals = [arith.mulf(v, s) for v, s in zip(vals, ss, strict=True)]
+                    if swiglu:
+                        g, u = vals
+                        one = arith.constant(f32, 1.0)
+                        sig = arith.divf(one, arith.addf(one, mlir_math.exp(arith.negf(g))))
+                        y = arith.mulf(arith.mulf(g, sig), u)
+                    else:
+                        y = vals[0]
+                    if rs_ref is not None:
+                        y = arith.mulf(y, memref.load(rs_ref, [arith.index_cast(index, m)]))
+                ok = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, m, lo),
+                                arith.cmpi(arith.CmpIPredicate.slt, m, hi))
+                with mu.when(ok):
+                    memref.store(arith.truncf(bf16, y) if out_ref.type.element_type == bf16
+                                 else y, out_ref,
+                                 [arith.index_cast(index, m),
+                                  arith.index_cast(index, arith.addi(n0, n))])
+
+
+def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
+                   block_m: int, stages: int = 3):
+    """Run the Mosaic kernel on plane-permuted ``x [M, K]`` (``bk = 256``) and fragment weights.
+
+    ``tiles``: ``(group, block, lo, hi)`` int32 ``[T]`` (``kernels.tile_table``, ``block_m`` rows).
+    ``qwf [G, N/64, K/256, 16, 256]`` / ``wsf [G, N/64, K/256, 128]``: :func:`fragment_weights`,
+    :func:`fragment_scales`; ``ss, cs, zp`` fp32 ``[G, N]``. Tiles of group ``>= G``: padding.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = x_planes.shape
+    num_groups, nblk, ksteps = qwf.shape[:3]
+    n = nblk * BLOCK_N
+    swiglu = activation == "swiglu"
+    n_out = n // 2 if swiglu else n
+    if k != ksteps * BLOCK_K:
+        raise ValueError(f"x has K={k}, the weights {ksteps * BLOCK_K}")
+    if m % block_m:
+        raise NotImplementedError(f"x rows ({m}) must be padded to a multiple of {block_m}")
+    if block_m % 8 or block_m > 256:
+        raise NotImplementedError(f"block_m={block_m} must be a multiple of 8, at most 256")
+    grp, blk, lo_t, hi_t = tiles
+    row0_t = blk * block_m
+    num_tiles = grp.shape[0]
+    out_blocks = n_out // BLOCK_N
+    halves = 2 if swiglu else 1
+    has_rs = row_scale is not None
+    f32 = jnp.float32
+    consts_layout = plgpu.Layout.WG_STRIDED((512,), vec_size=4)
+    plane_type = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((512,), f32, layout=consts_layout))
+    def load_consts(_, cs_ref, zp_ref):
+        return _consts_regs(cs_ref, zp_ref)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
+                       return_type=[plane_type] * 4)
+    def decode(_, q_ref, s_ref, consts):
+        return _decode_step(q_ref, s_ref, consts)
+
+    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, n0, zero):
+        arg_types = ((plgpu.Layout.WGMMA,) * len(accs) + (plgpu.RefType(),) * len(ss_refs)
+                     + (plgpu.RefType(),) * (4 + (rs_ref is not None)))
+        refs = (*ss_refs, out_ref, lo_ref, hi_ref, row0_ref,
+                *(() if rs_ref is None else (rs_ref,)))
+
+        @plgpu.inline_mgpu(arg_types=arg_types)
+        def _store(_, *args):
+            from jax._src.lib.mlir import ir
+            from jax._src.lib.mlir.dialects import arith
+            a = list(args)
+            acc_vals = a[:len(accs)]
+            del a[:len(accs)]
+            ss_r = a[:len(ss_refs)]
+            del a[:len(ss_refs)]
+            o_r, lo_r, hi_r, r0_r = a[:4]
+            rs_r = a[4] if len(a) > 4 else None
+            i32 = ir.IntegerType.get_signless(32)
+            _store_tile(acc_vals, ss_r, rs_r, o_r, lo_r, hi_r, row0_ref=r0_r,
+                        n0s=[arith.constant(i32, 0)], bm=block_m, swiglu=swiglu, zero=zero)
+
+        _store(*accs, *refs)
+
+    def body(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref, ss_ref, cs_ref,
+             zp_ref, *rest):
+        rs_ref = rest[0] if has_rs else None
+        out_ref = rest[-1]
+        jn = jax.lax.axis_index("n")
+        t = jax.lax.axis_index("t")
+        g, b = grp_ref[t], blk_ref[t]
+        lo, hi = lo_ref[t], hi_ref[t]
+        tile = pl.ds(t, 1)
+        nbs = [jn + h * out_blocks for h in range(halves)]
+        out_cols = out_ref.at[:, pl.ds(jn * BLOCK_N, BLOCK_N)]
+
+        @pl.when((hi > lo) & (g < num_groups))
+        def _compute():
+            consts = [load_consts(cs_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)],
+                                  zp_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]) for nb in nbs]
+
+            def with_accs(*accs):
+                def step(_, x_smem, *w_smem):
+                    for h, acc in enumerate(accs):
+                        q_s, s_s = w_smem[2 * h], w_smem[2 * h + 1]
+                        planes = decode(q_s.at[0, 0, 0], s_s.at[0, 0, 0], consts[h])
+                        for p, a_t in enumerate(planes):
+                            plgpu.wgmma(acc, a_t, x_smem.at[:, pl.ds(64 * p, 64)].T)
+                    plgpu.wgmma_wait(0)
+
+                x_spec = plgpu.BlockSpec(
+                    (block_m, BLOCK_K), lambda kk: (b, kk),
+                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+                w_specs = []
+                for nb in nbs:
+                    w_specs += [
+                        plgpu.BlockSpec((1, 1, 1, 16, 256), lambda kk, nb=nb: (g, nb, kk, 0, 0)),
+                        plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, kk, 0)),
+                    ]
+                plgpu.emit_pipeline(step, grid=(ksteps,), in_specs=[x_spec, *w_specs],
+                                    max_concurrent_steps=stages)(
+                    x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
+                vals = [acc[...] for acc in accs]
+                store(vals, [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs], rs_ref,
+                      out_cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile], None,
+                      zero=False)
+
+            pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * halves)
+
+        @pl.when((hi > lo) & (g >= num_groups))
+        def _padding():
+            store([], [], None, out_cols, lo_ref.at[tile],
+                  hi_ref.at[tile], row0_ref.at[tile], None, zero=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
+        grid=(out_blocks, num_tiles),
+        grid_names=("n", "t"),
+        compiler_params=plgpu.CompilerParams(),
+    )
+    args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
+            *((row_scale,) if has_rs else ()))
+    return kernel(*args)
+
+
+
+# --------------------------------------------------------------------------------------------
+# The op: fragment-ordered WINT2 linears (same leaves and shapes as the row order).
+# --------------------------------------------------------------------------------------------
+
+REORDERED = ("quant_weight", "weight_scale")
+
+
+def _frag_q(qw):  # [E, K/4, N] -> same shape, fragment byte order
+    return fragment_weights(qw).reshape(qw.shape)
+
+
+def _frag_s(ws):
+    return fragment_scales(ws).reshape(ws.shape)
+
+
+def _unfrag_q(qf):
+    e, kq, n = qf.shape
+    p, nn = _byte_positions()
+    blocks = qf.reshape(e, n // BLOCK_N, kq // 64, STEP_BYTES)
+    inv = jnp.argsort(jnp.asarray(p * BLOCK_N + nn))
+    w = blocks[..., inv].reshape(e, n // BLOCK_N, kq // 64, 64, BLOCK_N)
+    return w.transpose(0, 2, 3, 1, 4).reshape(e, kq, n)
+
+
+def _unfrag_s(sf):
+    e, k2, n = sf.shape
+    srow, nn = _scale_positions()
+    blocks = sf.reshape(e, n // BLOCK_N, k2 // 2, 2 * BLOCK_N)
+    inv = jnp.argsort(jnp.asarray(srow * BLOCK_N + nn))  # a permutation: 128 distinct bytes
+    s = blocks[..., inv].reshape(e, n // BLOCK_N, k2 // 2, 2, BLOCK_N)
+    return s.transpose(0, 2, 3, 1, 4).reshape(e, k2, n)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="fn")
+def _reorder_layer(stack, layer, fn):
+    return stack.at[layer].set(fn(stack[layer]))
+
+
+def _reorder(w: dict, fns: dict, *, in_place: bool) -> dict:
+    out = dict(w)
+    for leaf, fn in fns.items():
+        a = w[leaf]
+        if a.ndim == 3:
+            out[leaf] = jax.jit(fn)(a)
+        elif in_place:  # one layer at a time into the donated stack: peak + one layer
+            for i in range(a.shape[0]):
+                a = _reorder_layer(a, i, fn)
+            out[leaf] = a
+        else:
+            out[leaf] = jax.vmap(fn)(a)
+    return out
+
+
+def supports(k: int, n: int) -> bool:
+    """Whether a ``[K, N]`` WINT2 linear fits this kernel's blocks."""
+    return k % BLOCK_K == 0 and n % BLOCK_N == 0
+
+
+def to_fragments(w: dict, *, in_place: bool = False) -> dict:
+    """A WINT2 ``<linear>`` (``[E, ...]`` or ``[L, E, ...]`` leaves) in fragment byte order.
+
+    Same leaves, shapes and dtypes: ``quant_weight`` and ``weight_scale`` hold the same bytes
+    permuted (:func:`fragment_weights`, :func:`fragment_scales`). ``in_place``: a layer stack is
+    re-ordered one layer at a time inside its own (donated) buffer, so the caller's arrays of
+    those two leaves are consumed; the peak is one layer more instead of a second stack.
+    """
+    _check_dims(4 * w["quant_weight"].shape[-2], w["quant_weight"].shape[-1])
+    return _reorder(w, {"quant_weight": _frag_q, "weight_scale": _frag_s}, in_place=in_place)
+
+
+def from_fragments(w: dict) -> dict:
+    """Inverse of :func:`to_fragments` (the reference path; a copy)."""
+    return _reorder(w, {"quant_weight": _unfrag_q, "weight_scale": _unfrag_s}, in_place=False)
+
+
+def available() -> bool:
+    """A Hopper GPU and a jax whose Pallas Mosaic GPU has what this kernel uses."""
+    try:
+        d = jax.devices()[0]
+        if d.platform != "gpu" or not str(getattr(d, "compute_capability", "")).startswith("9"):
+            return False
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        return all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline", "wgmma", "ACC"))
+    except Exception:  # noqa: BLE001  (any failure to probe means: not available)
+        return False
+
+
+def block_m_for(m: int, groups: int) -> int:
+    """Rows per tile (wgmma N): the rows of an active expert, rounded up to 8..128.
+
+    H100, 300B shapes (``results/NOTES.md`` §20): 8 rows per tile up to 8 rows per expert, 32 at
+    32, 64-128 at 128 (128 keeps the shared memory of two x stages under the 227 KiB limit).
+    """
+    per = -(-m // max(1, min(groups, m)))
+    return min(128, max(8, 1 << (per - 1).bit_length()))
+
+
+def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
+                             out_dtype=None, layer=None, block_m: int | None = None,
+                             stages: int = 2):
+    """``epilogue(x[rows of e] @ W[e])`` for fragment-ordered WINT2 experts (rows sorted by e).
+
+    ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place). Raises
+    NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64).
+    """
+    from .codecs import plane_permutation
+    from .kernels import tile_table
+
+    qw = w["quant_weight"]
+    if not available():
+        raise NotImplementedError("the Mosaic WINT2 kernel needs a Hopper GPU (sm_90)")
+    if x.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"the Mosaic WINT2 kernel takes bf16 x, got {x.dtype}")
+    m, k = x.shape
+    n = qw.shape[-1]
+    _check_dims(k, n)
+    if 4 * qw.shape[-2] != k:
+        raise ValueError(f"x has K={k}, the weights {4 * qw.shape[-2]}")
+    stacked = layer is not None
+    e = qw.shape[-3]
+    lead = qw.shape[0] * e if stacked else e
+    fold = lambda a, *tail: a.reshape(lead, *tail)  # noqa: E731  free: contiguous leading axes
+    qwf = fold(qw, n // BLOCK_N, k // BLOCK_K, 16, 256)
+    wsf = fold(w["weight_scale"], n // BLOCK_N, k // BLOCK_K, 128)
+    ss, cs, zp = (fold(w[f], n).astype(jnp.float32)
+                  for f in ("super_scales", "code_scale", "code_zp"))
+    bm = block_m or block_m_for(m, e)
+    mp = -(-m // bm) * bm
+    xp = jnp.pad(x[:, plane_permutation(k, BLOCK_K, 4)], ((0, mp - m), (0, 0)))
+    grp, *rest = tile_table(group_sizes, m, bm)
+    if stacked:  # group g of layer l is folded group l*E + g; padding tiles point past the end
+        grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, lead)
+    rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
+    out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, (grp, *rest), rs, activation=activation,
+                         out_dtype=out_dtype or x.dtype, block_m=bm, stages=stages)
+    return out[:m]

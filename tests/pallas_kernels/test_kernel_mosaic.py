@@ -1,0 +1,164 @@
+"""The Mosaic GPU WINT2 kernel (``kernel_mosaic.py``): byte order on the CPU, the kernel on sm90.
+
+The fragment order is checked against the wgmma register-fragment layout as PTX documents it
+(``wgmma .m64nNk16``, A in registers: thread ``lane`` of warp ``w`` holds rows
+``16w + lane/4`` and ``+8``, columns ``2(lane%4)``, ``+1``, ``+8``, ``+9`` of each 16-wide K
+slice), not against the module's own index tables. The GPU tests compare the kernel with the
+reference path on random data, and the decode bit-exactly with ``dequantize_wint2`` through
+a one-hot x.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels import kernel_mosaic, reference, shapes
+from pallas_kernels.checks import _exact_oracle, _poison, skewed_group_sizes
+from pallas_kernels.numerics import assert_close
+from pallas_kernels.wint2 import dequantize_wint2
+
+ON_SM90 = kernel_mosaic.available()
+
+
+def _rand_linear(k, n, e, seed=0, layers=None):
+    w = shapes.random_linear(jax.random.key(seed), "wint2", k, n, e)
+    if layers:
+        w = {f: jnp.stack([a] + [jnp.roll(a, i, axis=0) for i in range(1, layers)])
+             for f, a in w.items()}
+    return w
+
+
+def test_fragment_bytes_follow_the_wgmma_register_fragment():
+    k, n = 512, 128
+    qw = np.random.default_rng(0).integers(0, 256, (1, k // 4, n), dtype=np.uint8)
+    frag = np.asarray(kernel_mosaic.fragment_weights(qw))  # [1, N/64, K/256, 16, 256]
+    for nb in range(n // 64):
+        for step in range(k // 256):
+            chunk = frag[0, nb, step].reshape(-1)
+            for t in (0, 5, 37, 127):
+                w, lane = divmod(t, 32)
+                mine = np.concatenate([chunk[2048 * h + 16 * t:2048 * h + 16 * t + 16]
+                                       for h in range(2)])  # the thread's two 16-byte loads
+                # In each byte-row tile j of 8 (a 16-wide K slice of bf16 pairs), the thread's
+                # 4 bytes are (row, col), (row, col+1), (row+8, col), (row+8, col+1).
+                for j in range(8):
+                    row = 64 * nb + 16 * w + lane // 4
+                    col = 64 * step + 8 * j + 2 * (lane % 4)
+                    want = [qw[0, col, row], qw[0, col + 1, row],
+                            qw[0, col, row + 8], qw[0, col + 1, row + 8]]
+                    np.testing.assert_array_equal(mine[4 * j:4 * j + 4], want)
+
+
+def test_fragment_scales_hold_each_threads_rows():
+    k, n = 512, 128
+    ws = np.random.default_rng(1).integers(0, 256, (1, k // 128, n), dtype=np.uint8)
+    frag = np.asarray(kernel_mosaic.fragment_scales(ws))  # [1, N/64, K/256, 128]
+    for t in (0, 9, 64, 127):
+        w, lane = divmod(t, 32)
+        row = 16 * w + lane // 4
+        got = frag[0, 1, 1][4 * (t // 4):4 * (t // 4) + 4]  # column block 1, K step 1
+        want = [ws[0, 2, 64 + row], ws[0, 3, 64 + row], ws[0, 2, 72 + row], ws[0, 3, 72 + row]]
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("layers", [None, 3])
+def test_to_and_from_fragments_round_trip(layers):
+    w = _rand_linear(512, 128, 2, layers=layers)
+    f = pallas_kernels.to_fragments(w)
+    assert {a: f[a].shape for a in f} == {a: w[a].shape for a in w}
+    assert not np.array_equal(np.asarray(f["quant_weight"]), np.asarray(w["quant_weight"]))
+    back = pallas_kernels.from_fragments(f)
+    for leaf in w:
+        np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(w[leaf]), leaf)
+    inplace = pallas_kernels.to_fragments(jax.tree.map(jnp.copy, w), in_place=True)
+    np.testing.assert_array_equal(np.asarray(inplace["quant_weight"]),
+                                  np.asarray(f["quant_weight"]))
+
+
+def test_fragment_shapes_the_kernel_cannot_take_are_refused():
+    with pytest.raises(NotImplementedError, match="K % 256"):
+        pallas_kernels.to_fragments(_rand_linear(128, 64, 2))
+    assert pallas_kernels.fragments_support(8192, 7168)
+    assert not pallas_kernels.fragments_support(8192, 7200)
+
+
+def test_block_m_follows_rows_per_expert():
+    assert [kernel_mosaic.block_m_for(m, 64) for m in (8, 128, 512, 2048, 8192, 32768)] == \
+        [8, 8, 8, 32, 128, 128]
+
+
+@pytest.mark.skipif(ON_SM90, reason="on sm90 the kernel runs")
+def test_reference_path_of_fragments_equals_rows():
+    w = _rand_linear(256, 128, 3)
+    x = jax.random.normal(jax.random.key(2), (12, 256), jnp.bfloat16)
+    gs = jnp.asarray([5, 0, 6], jnp.int32)
+    f = pallas_kernels.to_fragments(w)
+    want = pallas_kernels.quant_grouped_matmul(x, w, gs, fmt="wint2", activation="swiglu",
+                                               implementation="xla")
+    for impl in ("xla", None):  # None: no Hopper GPU here -> the reference
+        got = pallas_kernels.quant_grouped_matmul(x, f, gs, fmt="wint2", activation="swiglu",
+                                                  implementation=impl, byte_order="fragments")
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(NotImplementedError, match="Hopper"):
+        pallas_kernels.quant_grouped_matmul(x, f, gs, fmt="wint2", implementation="pallas",
+                                            byte_order="fragments")
+
+
+GPU_CASES = [
+    dict(k=512, n=256, e=3, m=16, activation="swiglu"),
+    dict(k=512, n=128, e=3, m=24, row_scale=True),
+    dict(k=1024, n=512, e=4, m=40, activation="swiglu", block_m=16),
+    dict(k=768, n=256, e=2, m=64, row_scale=True, block_m=64),
+    dict(k=1024, n=1024, e=16, m=600, activation="swiglu", seed=3),
+    dict(k=512, n=512, e=8, m=2048, row_scale=True, padding=0, block_m=128, seed=4),
+    dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=3, layer=2, seed=5),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in
+                                                                   c.items()))
+def test_kernel_matches_reference(case):
+    c = dict(case)
+    k, n, e, m = c.pop("k"), c.pop("n"), c.pop("e"), c.pop("m")
+    seed, layers, layer = c.pop("seed", 0), c.pop("layers", None), c.pop("layer", None)
+    act, rs, bm = c.pop("activation", None), c.pop("row_scale", False), c.pop("block_m", None)
+    padding = c.pop("padding", 3)
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    w = _rand_linear(k, n, e, seed, layers)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.float32).astype(jnp.bfloat16)
+    r = jax.random.uniform(jax.random.fold_in(key, 2), (m,)) if rs else None
+    gs = jnp.asarray(skewed_group_sizes(rng, m, e, padding=padding))
+    w_layer = w if layer is None else {f: a[layer] for f, a in w.items()}
+    oracle, _ = _exact_oracle(w_layer, "wint2", "natural")
+    want = reference.quant_grouped_matmul_reference(x, oracle, gs, fmt="bf16", activation=act,
+                                                    row_scale=r)
+    f = pallas_kernels.to_fragments(w)
+    _poison(m * n * 4)
+    got = kernel_mosaic.grouped_matmul_fragments(x, f, gs, activation=act, row_scale=r,
+                                                 layer=layer, block_m=bm)
+    assert_close(got, want, context=str(case))
+    if padding:
+        assert not np.asarray(got[m - padding:]).astype(np.float32).any(), "padding rows"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
+def test_kernel_decode_is_exact_through_one_hot_rows():
+    """x = I reads back bf16(bf16(q * nib) * super_scale): the decode's only rounding is the
+    documented one (nib folded into the bf16 weight), the code arithmetic is the format's."""
+    k, n = 512, 256
+    w = _rand_linear(k, n, 1, seed=7)
+    leaves = [np.asarray(w[f])[0] for f in ("quant_weight", "weight_scale", "super_scales",
+                                            "code_scale", "code_zp")]
+    q_nib = dequantize_wint2(leaves[0], leaves[1], np.ones_like(leaves[2]), *leaves[3:])
+    want = (np.asarray(q_nib, np.float32) * leaves[2].astype(np.float32)[None, :])
+    want = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
+    got = kernel_mosaic.grouped_matmul_fragments(
+        jnp.eye(k, dtype=jnp.bfloat16), pallas_kernels.to_fragments(w),
+        jnp.asarray([k], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
