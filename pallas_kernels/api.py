@@ -5,8 +5,10 @@ naming it never falls back silently), ``"xla"`` (the pure-jnp reference), or ``N
 kernel on a GPU that supports the shape, the reference elsewhere).
 
 The Pallas path is ``kernels.py`` (validation, x column order, tile table, config lookup in
-``config.py`` / ``tuned/<device>.json``) over one kernel, ``kernel_triton.py``, whose docstring
-gives the computed function, its rounding and the measured reason for the backend.
+``config.py`` / ``tuned/<device>.json``) over ``kernel_triton.py``, whose docstring gives the
+computed function, its rounding and the measured reason for the backend; and, for WINT2 experts
+held in fragment byte order (``byte_order="fragments"``, :func:`kernel_mosaic.to_fragments`), the
+Mosaic GPU kernel ``kernel_mosaic.py`` (Hopper only; its docstring has its rounding and numbers).
 """
 
 from __future__ import annotations

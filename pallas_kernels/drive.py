@@ -6,6 +6,9 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
         --section SourceCounters --page source --print-source sass --csv \\
         python -m pallas_kernels.drive --tokens 1 --proj up_gate --config 16,32,128,4,mma_gs,1
 
+``--kernel mosaic`` drives the Mosaic GPU kernel instead (fragment byte order; kernel name
+``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` override its choice).
+
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
 benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
 """
@@ -18,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from . import kernels, shapes
+from . import kernel_mosaic, kernels, shapes
 from .config import TuningConfig
 
 
@@ -30,6 +33,11 @@ def main(argv=None) -> None:
     p.add_argument("--config", default=None,
                    help="block_m,block_n,block_k,num_warps,mode,split_k (default: tuned)")
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--kernel", choices=("triton", "mosaic"), default="triton")
+    p.add_argument("--block-m", type=int, default=None, help="mosaic: rows per tile")
+    p.add_argument("--stages", type=int, default=2, help="mosaic: pipeline stages")
+    p.add_argument("--schedule", choices=("all", "half", "one"), default=None,
+                   help="mosaic: decode schedule (kernel_mosaic.SCHEDULE; default by shape)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -43,16 +51,26 @@ def main(argv=None) -> None:
     gs = jnp.asarray(shapes.group_sizes(shapes.route(a.tokens, s, "uniform", seed=a.tokens),
                                         s.experts))
     x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
-    f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
-        x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
-        config=cfg))
+    if a.kernel == "mosaic":
+        kernel_mosaic.SCHEDULE = a.schedule
+        w = kernel_mosaic.to_fragments(w)
+        f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
+            x, w, gs, activation=act, block_m=a.block_m, stages=a.stages))
+    else:
+        f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
+            x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
+            config=cfg))
     for _ in range(3):  # compile, warm up
         jax.block_until_ready(f(x, w, gs))
     t0 = time.perf_counter()
     for _ in range(a.calls):
         y = f(x, w, gs)
     jax.block_until_ready(y)
-    print(f"{a.shape} {a.proj} tokens={a.tokens} {cfg or 'tuned config'}: "
+    what = (f"mosaic schedule={a.schedule or 'auto'} block_m={a.block_m or 'auto'} "
+            f"stages={a.stages}"
+            if a.kernel == "mosaic"
+            else cfg or "tuned config")
+    print(f"{a.shape} {a.proj} tokens={a.tokens} {what}: "
           f"{(time.perf_counter() - t0) / a.calls * 1e6:.1f} us per call "
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
 

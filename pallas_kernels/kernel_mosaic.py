@@ -37,8 +37,23 @@ rounding of the exact ``q * nib``, like the reference's one rounding of ``q * ni
 accumulator. So the wgmma accumulates the whole K range with no per-group partial sums.
 
 Tiles, routing and the epilogue are the Triton kernel's (``kernels.tile_table``): program
-``(j, t)`` computes 64 output columns (and their 64 up-projection partners under SwiGLU) for the
-bm-row block of tile t, and stores the rows ``[lo, hi)`` of its group.
+``(j, t)`` (one warpgroup) computes 64 output columns (and their 64 up-projection partners under
+SwiGLU) for the bm-row block of tile t, and stores the rows ``[lo, hi)`` of its group with
+per-element masked stores (tiles of different experts share row blocks). The K loop is
+``emit_pipeline`` (TMA into shared memory, 2 stages: x tile, byte chunk, scale chunk). Its
+schedule (``SCHEDULE``, :func:`schedule_for`): decode all 4 planes of a step, issue their
+wgmmas, wait; or cut planes one at a time with one wgmma in flight (128 instead of 197
+registers for the SwiGLU projection: 4 resident warpgroups an SM instead of 2).
+
+**Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22): the same
+decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the 1-token
+300B up_gate) against Triton's 7.2, and the 300B expert FFN runs 1.2-2.1x faster than the Triton
+kernel at 1-1024 tokens; end to end the 300B decodes 42.8 -> 55.9 tok/s at batch 1 and 748 -> 867
+at batch 64 (H200). Limits: bf16 x, natural K order, ``K % 256 == 0``, ``N % 64 == 0``, a Hopper
+GPU; under tensor parallelism the model still gives its experts to the Triton kernel (each shard
+would have to re-order its own bytes). There is no CPU interpreter for it (Mosaic GPU's is
+private and hangs on jax 0.10): CI checks the byte order and the reference path on the CPU, the
+kernel itself is tested on the GPU (``tests/pallas_kernels/test_kernel_mosaic.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +67,12 @@ import numpy as np
 BLOCK_N = 64  # output columns per warpgroup (wgmma M)
 BLOCK_K = 256  # K rows per pipeline step: 4 planes of 64 (one 128-byte swizzle row of x)
 STEP_BYTES = BLOCK_N * BLOCK_K // 4  # 4096 packed bytes per (column block, K step)
-_CODE_LIMIT = 2.0**22
+_SHIFTS = (9, 6, 3, 0)  # code bits of planes 0..3
+# How much of a K step is decoded before its wgmmas are issued (live registers vs waits):
+# "all" (every plane of both SwiGLU halves), "half" (one half's 4 planes, then wait), "one"
+# (the code pairs once, then one plane at a time with one wgmma in flight); None picks by
+# shape (:func:`schedule_for`). Measured: results/NOTES.md §21.
+SCHEDULE: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +166,14 @@ shr.b32 w, c, 3; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $2, w, $6, $7;
 lop3.b32 w, c, msk, mgh, 0xEA; fma.rn.bf16x2 $3, w, $6, $7;
 }"""
 
+_PAIR_ASM = "prmt.b32 $0, $1, $2, 0x5410;"
+
+_PLANE_ASM = """{{
+.reg .b32 w, msk, mgh;
+mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+{shift}lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $0, w, $2, $3;
+}}"""
+
 # One scale byte -> (nib, nib) and (-160 nib, -160 nib) as bf16x2, for the high and low nibble.
 _NIB_ASM = """{{
 .reg .b32 v, x, z, msk, mgh, one, m128, m160, k;
@@ -179,8 +207,12 @@ def _asm(llvm, ir, text, constraints, args, n_out):
     return [llvm.extractvalue(i32, struct, [k]) for k in range(n_out)]
 
 
-def _decode_step(q_smem, s_smem, consts):
-    """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout."""
+def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False):
+    """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout.
+
+    ``pairs_only``: instead, the code pairs and the nibble factors (three ``[64, 64]`` arrays in
+    the same layout, bf16 bit patterns) from which :func:`_plane` cuts each plane.
+    """
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     i8 = ir.IntegerType.get_signless(8)
@@ -223,12 +255,33 @@ def _decode_step(q_smem, s_smem, consts):
                           [w, cs[b // 2], zp[b // 2]], 1)[0] for b in range(4)]
             for i in range(2):
                 n2, k2 = nib[(i, j // 2)]
+                at = (0, j, 0, 0, i, 0, 0, 0, 0)
+                if pairs_only:  # P, nib, -160 nib: the planes are cut later, one at a time
+                    [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r",
+                                  [codes[2 * i], codes[2 * i + 1]], 1)
+                    for r, v in zip(regs[:3], (pair, n2, k2), strict=True):
+                        r[at] = mu.bitcast(v, bf16x2)
+                    continue
                 outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r,r",
                             [codes[2 * i], codes[2 * i + 1], n2, k2], 4)
                 for plane, o in enumerate(outs):
-                    regs[plane][0, j, 0, 0, i, 0, 0, 0, 0] = mu.bitcast(o, bf16x2)
+                    regs[plane][at] = mu.bitcast(o, bf16x2)
     return [fa.FragmentedArray(_registers=r, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-            for r in regs]
+            for r in regs[:3 if pairs_only else 4]]
+
+
+def _plane(pairs, nib2, k2, shift: int):
+    """Inside ``inline_mgpu``: plane ``shift`` of the code pairs: ``bf16(q * nib)`` bf16x2."""
+    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+    text = _PLANE_ASM.format(shift=f"shr.b32 w, $1, {shift}; " if shift else "mov.b32 w, $1; ")
+    out = np.empty_like(pairs.registers)
+    for at in np.ndindex(out.shape):
+        args = [mu.bitcast(a.registers[at], i32) for a in (pairs, nib2, k2)]
+        [v] = _asm(llvm, ir, text, "=r,r,r,r", args, 1)
+        out[at] = mu.bitcast(v, bf16x2)
+    return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
 def _consts_regs(cs_ref, zp_ref):
@@ -303,7 +356,7 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, *, row0_ref, n0s
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   block_m: int, stages: int = 3):
+                   block_m: int, stages: int = 3, schedule: str | None = None):
     """Run the Mosaic kernel on plane-permuted ``x [M, K]`` (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, block, lo, hi)`` int32 ``[T]`` (``kernels.tile_table``, ``block_m`` rows).
@@ -324,6 +377,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise NotImplementedError(f"x rows ({m}) must be padded to a multiple of {block_m}")
     if block_m % 8 or block_m > 256:
         raise NotImplementedError(f"block_m={block_m} must be a multiple of 8, at most 256")
+    schedule = schedule or SCHEDULE or schedule_for(block_m, activation)
+    if schedule not in ("all", "half", "one"):
+        raise ValueError(f"schedule={schedule!r} must be 'all', 'half' or 'one'")
     grp, blk, lo_t, hi_t = tiles
     row0_t = blk * block_m
     num_tiles = grp.shape[0]
@@ -343,6 +399,17 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                        return_type=[plane_type] * 4)
     def decode(_, q_ref, s_ref, consts):
         return _decode_step(q_ref, s_ref, consts)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
+                       return_type=[plane_type] * 3)
+    def decode_pairs(_, q_ref, s_ref, consts):
+        return _decode_step(q_ref, s_ref, consts, pairs_only=True)
+
+    def cut_plane(shift):
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * 3, return_type=plane_type)
+        def cut(_, pairs, nib2, k2):
+            return _plane(pairs, nib2, k2, shift)
+        return cut
 
     def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, n0, zero):
         arg_types = ((plgpu.Layout.WGMMA,) * len(accs) + (plgpu.RefType(),) * len(ss_refs)
@@ -367,8 +434,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
         _store(*accs, *refs)
 
-    def body(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref, ss_ref, cs_ref,
-             zp_ref, *rest):
+    def wint2_fragments_matmul(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref,
+                               ss_ref, cs_ref, zp_ref, *rest):
         rs_ref = rest[0] if has_rs else None
         out_ref = rest[-1]
         jn = jax.lax.axis_index("n")
@@ -388,9 +455,19 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                 def step(_, x_smem, *w_smem):
                     for h, acc in enumerate(accs):
                         q_s, s_s = w_smem[2 * h], w_smem[2 * h + 1]
-                        planes = decode(q_s.at[0, 0, 0], s_s.at[0, 0, 0], consts[h])
-                        for p, a_t in enumerate(planes):
+                        if schedule in ("all", "half"):
+                            planes = decode(q_s.at[0, 0, 0], s_s.at[0, 0, 0], consts[h])
+                            for p, a_t in enumerate(planes):
+                                plgpu.wgmma(acc, a_t, x_smem.at[:, pl.ds(64 * p, 64)].T)
+                            if schedule == "half":
+                                plgpu.wgmma_wait(0)
+                            continue
+                        # Cut one plane at a time; at most one wgmma in flight reads registers.
+                        pairs = decode_pairs(q_s.at[0, 0, 0], s_s.at[0, 0, 0], consts[h])
+                        for p, shift in enumerate(_SHIFTS):
+                            a_t = cut_plane(shift)(*pairs)
                             plgpu.wgmma(acc, a_t, x_smem.at[:, pl.ds(64 * p, 64)].T)
+                            plgpu.wgmma_wait(1)
                     plgpu.wgmma_wait(0)
 
                 x_spec = plgpu.BlockSpec(
@@ -418,7 +495,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                   hi_ref.at[tile], row0_ref.at[tile], None, zero=True)
 
     kernel = plgpu.kernel(
-        body,
+        wint2_fragments_matmul,
         out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
         grid=(out_blocks, num_tiles),
         grid_names=("n", "t"),
@@ -516,6 +593,11 @@ def available() -> bool:
         return all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline", "wgmma", "ACC"))
     except Exception:  # noqa: BLE001  (any failure to probe means: not available)
         return False
+
+
+def schedule_for(block_m: int, activation) -> str:
+    """Decode schedule (see ``SCHEDULE``) by shape; H100 300B sweeps, results/NOTES.md §21."""
+    return "one" if activation == "swiglu" and block_m >= 64 else "all"
 
 
 def block_m_for(m: int, groups: int) -> int:
