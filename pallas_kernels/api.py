@@ -112,16 +112,17 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
 def _grouped_fragments(x, w, group_sizes, *, implementation, layer, fmt, k_order, **kw):
     from . import kernel_mosaic
 
-    if fmt != "wint2" or k_order != "natural":
-        raise ValueError(f"byte_order='fragments' holds natural-order wint2 weights, got {fmt=} "
-                         f"{k_order=}")
+    if fmt != "wint2":
+        raise ValueError(f"byte_order='fragments' holds wint2 weights, got {fmt=}")
     if implementation not in ("pallas", "xla", None):
         raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
     if implementation != "xla":
         try:
-            return kernel_mosaic.grouped_matmul_fragments(x, w, group_sizes, layer=layer, **kw)
+            return kernel_mosaic.grouped_matmul_fragments(x, w, group_sizes, layer=layer,
+                                                          k_order=k_order, **kw)
         except NotImplementedError:
             if implementation == "pallas":
                 raise
     rows = kernel_mosaic.from_fragments(_layer_of(w, layer))
-    return reference.quant_grouped_matmul_reference(x, rows, group_sizes, fmt=fmt, **kw)
+    return reference.quant_grouped_matmul_reference(x, rows, group_sizes, fmt=fmt,
+                                                    k_order=k_order, **kw)

@@ -49,16 +49,19 @@ registers for the SwiGLU projection: 4 resident warpgroups an SM instead of 2).
 decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the 1-token
 300B up_gate) against Triton's 7.2, and the 300B expert FFN runs 1.2-2.1x faster than the Triton
 kernel at 1-1024 tokens; end to end the 300B decodes 42.8 -> 55.9 tok/s at batch 1 and 748 -> 867
-at batch 64 (H200). Limits: bf16 x, natural K order, ``K % 256 == 0``, ``N % 64 == 0``, a Hopper
-GPU; under tensor parallelism the model still gives its experts to the Triton kernel (each shard
-would have to re-order its own bytes). There is no CPU interpreter for it (Mosaic GPU's is
-private and hangs on jax 0.10): CI checks the byte order and the reference path on the CPU, the
-kernel itself is tested on the GPU (``tests/pallas_kernels/test_kernel_mosaic.py``).
+at batch 64 (H200). Limits: bf16 x, ``K % 256 == 0``, ``N % 64 == 0`` (per shard under tensor
+parallelism, where each shard's bytes are re-ordered on their own), a Hopper GPU. There is no CPU
+interpreter for it (Mosaic GPU's is private and hangs on jax 0.10): CI checks the byte order and
+the reference path on the CPU, the kernel itself is tested on the GPU
+(``tests/pallas_kernels/test_kernel_mosaic.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -540,9 +543,53 @@ def _unfrag_s(sf):
     return s.transpose(0, 2, 3, 1, 4).reshape(e, k2, n)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="fn")
-def _reorder_layer(stack, layer, fn):
-    return stack.at[layer].set(fn(stack[layer]))
+@dataclasses.dataclass(frozen=True)
+class _PerShard:
+    """``fn`` applied to each shard of an array sharded by ``spec`` over ``mesh`` (hashable, so
+    that it can be a static jit argument). The byte order is block-local, so a tensor-parallel
+    shard (whole 64-column / 256-row blocks) is re-ordered on its own."""
+
+    fn: Callable
+    mesh: Any
+    spec: Any
+
+    def __call__(self, a):
+        return _shard_map(self.fn, self.mesh, self.spec)(a)
+
+
+def _shard_map(f, mesh, spec):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # pragma: no cover - older jax
+
+    return shard_map(f, mesh, spec, spec, check_rep=False)  # pragma: no cover
+
+
+def _local_fn(fn, a, *, drop_leading: int = 0):
+    """``fn`` itself, or wrapped per shard when ``a`` is sharded over a mesh axis."""
+    try:
+        sh = a.sharding
+    except Exception:  # noqa: BLE001  (a tracer: already a shard, or unsharded)
+        return fn
+    spec = tuple(getattr(sh, "spec", ()))
+    if not isinstance(sh, jax.sharding.NamedSharding) or all(p is None for p in spec):
+        return fn
+    return _PerShard(fn, sh.mesh, jax.sharding.PartitionSpec(*spec[drop_leading:]))
+
+
+def local_shape(a) -> tuple[int, ...]:
+    """The per-device shape of ``a`` (its own shape unless it is sharded)."""
+    try:
+        return tuple(a.sharding.shard_shape(a.shape))
+    except Exception:  # noqa: BLE001  (a tracer or a numpy array: its own shape)
+        return tuple(a.shape)
+
+
+@functools.cache
+def _layer_reorderer(fn, sharding):
+    """``(stack, layer) -> stack`` with layer ``layer`` re-ordered in place (donated)."""
+    return jax.jit(lambda stack, layer: stack.at[layer].set(fn(stack[layer])),
+                   donate_argnums=0, out_shardings=sharding)
 
 
 def _reorder(w: dict, fns: dict, *, in_place: bool) -> dict:
@@ -550,13 +597,16 @@ def _reorder(w: dict, fns: dict, *, in_place: bool) -> dict:
     for leaf, fn in fns.items():
         a = w[leaf]
         if a.ndim == 3:
-            out[leaf] = jax.jit(fn)(a)
+            out[leaf] = jax.jit(_local_fn(fn, a))(a)
         elif in_place:  # one layer at a time into the donated stack: peak + one layer
+            f = _local_fn(fn, a, drop_leading=1)
+            sharding = a.sharding if isinstance(f, _PerShard) else None
+            step = _layer_reorderer(f, sharding)
             for i in range(a.shape[0]):
-                a = _reorder_layer(a, i, fn)
+                a = step(a, i)
             out[leaf] = a
         else:
-            out[leaf] = jax.vmap(fn)(a)
+            out[leaf] = jax.jit(_local_fn(jax.vmap(fn), a))(a)
     return out
 
 
@@ -571,9 +621,13 @@ def to_fragments(w: dict, *, in_place: bool = False) -> dict:
     Same leaves, shapes and dtypes: ``quant_weight`` and ``weight_scale`` hold the same bytes
     permuted (:func:`fragment_weights`, :func:`fragment_scales`). ``in_place``: a layer stack is
     re-ordered one layer at a time inside its own (donated) buffer, so the caller's arrays of
-    those two leaves are consumed; the peak is one layer more instead of a second stack.
+    those two leaves are consumed; the peak is one layer more instead of a second stack. Arrays
+    sharded over a mesh (tensor parallelism) are re-ordered shard by shard: each device's block
+    is then the fragment order of its own local linear, which is what the kernel sees under
+    ``shard_map``.
     """
-    _check_dims(4 * w["quant_weight"].shape[-2], w["quant_weight"].shape[-1])
+    shape = local_shape(w["quant_weight"])
+    _check_dims(4 * shape[-2], shape[-1])
     return _reorder(w, {"quant_weight": _frag_q, "weight_scale": _frag_s}, in_place=in_place)
 
 
@@ -611,15 +665,16 @@ def block_m_for(m: int, groups: int) -> int:
 
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
-                             out_dtype=None, layer=None, block_m: int | None = None,
-                             stages: int = 2):
+                             out_dtype=None, layer=None, k_order: str = "natural",
+                             block_m: int | None = None, stages: int = 2):
     """``epilogue(x[rows of e] @ W[e])`` for fragment-ordered WINT2 experts (rows sorted by e).
 
-    ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place). Raises
-    NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64).
+    ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place); ``k_order``
+    the checkpoint's in-group K order (a shuffled one is undone on x's columns, together with
+    the plane order). Raises NotImplementedError for what the kernel does not take (f32 x,
+    K % 256, N % 64, no Hopper GPU).
     """
-    from .codecs import plane_permutation
-    from .kernels import tile_table
+    from .kernels import _permute_columns, tile_table
 
     qw = w["quant_weight"]
     if not available():
@@ -641,7 +696,7 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
                   for f in ("super_scales", "code_scale", "code_zp"))
     bm = block_m or block_m_for(m, e)
     mp = -(-m // bm) * bm
-    xp = jnp.pad(x[:, plane_permutation(k, BLOCK_K, 4)], ((0, mp - m), (0, 0)))
+    xp = jnp.pad(_permute_columns(x, k, BLOCK_K, 4, k_order), ((0, mp - m), (0, 0)))
     grp, *rest = tile_table(group_sizes, m, bm)
     if stacked:  # group g of layer l is folded group l*E + g; padding tiles point past the end
         grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, lead)

@@ -101,6 +101,11 @@ def test_reference_path_of_fragments_equals_rows():
         got = pallas_kernels.quant_grouped_matmul(x, f, gs, fmt="wint2", activation="swiglu",
                                                   implementation=impl, byte_order="fragments")
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    shuffled = pallas_kernels.quant_grouped_matmul(x, f, gs, fmt="wint2", k_order="shuffled",
+                                                   implementation="xla", byte_order="fragments")
+    np.testing.assert_array_equal(np.asarray(shuffled), np.asarray(
+        pallas_kernels.quant_grouped_matmul(x, w, gs, fmt="wint2", k_order="shuffled",
+                                            implementation="xla")))
     with pytest.raises(NotImplementedError, match="Hopper"):
         pallas_kernels.quant_grouped_matmul(x, f, gs, fmt="wint2", implementation="pallas",
                                             byte_order="fragments")
@@ -114,6 +119,7 @@ GPU_CASES = [
     dict(k=1024, n=1024, e=16, m=600, activation="swiglu", seed=3),
     dict(k=512, n=512, e=8, m=2048, row_scale=True, padding=0, block_m=128, seed=4),
     dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=3, layer=2, seed=5),
+    dict(k=512, n=256, e=3, m=24, row_scale=True, k_order="shuffled", seed=6),
 ]
 
 
@@ -126,7 +132,7 @@ def test_kernel_matches_reference(case):
     k, n, e, m = c.pop("k"), c.pop("n"), c.pop("e"), c.pop("m")
     seed, layers, layer = c.pop("seed", 0), c.pop("layers", None), c.pop("layer", None)
     act, rs, bm = c.pop("activation", None), c.pop("row_scale", False), c.pop("block_m", None)
-    padding = c.pop("padding", 3)
+    padding, k_order = c.pop("padding", 3), c.pop("k_order", "natural")
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     w = _rand_linear(k, n, e, seed, layers)
@@ -134,13 +140,13 @@ def test_kernel_matches_reference(case):
     r = jax.random.uniform(jax.random.fold_in(key, 2), (m,)) if rs else None
     gs = jnp.asarray(skewed_group_sizes(rng, m, e, padding=padding))
     w_layer = w if layer is None else {f: a[layer] for f, a in w.items()}
-    oracle, _ = _exact_oracle(w_layer, "wint2", "natural")
+    oracle, _ = _exact_oracle(w_layer, "wint2", k_order)
     want = reference.quant_grouped_matmul_reference(x, oracle, gs, fmt="bf16", activation=act,
                                                     row_scale=r)
     f = pallas_kernels.to_fragments(w)
     _poison(m * n * 4)
     got = kernel_mosaic.grouped_matmul_fragments(x, f, gs, activation=act, row_scale=r,
-                                                 layer=layer, block_m=bm)
+                                                 layer=layer, k_order=k_order, block_m=bm)
     assert_close(got, want, context=str(case))
     if padding:
         assert not np.asarray(got[m - padding:]).astype(np.float32).any(), "padding rows"

@@ -49,6 +49,12 @@ def test_tp_checkpoints_logits_and_greedy_tokens(tmp_path, dtype):
             assert f"tp{n}-source -> TP{tp} {dtype} logits" in out
 
 
+def test_tp_wint2_experts_reordered_shard_by_shard(tmp_path):
+    out = run_scenario("fragments", tmp_path, devices=2)
+    for proj in ("up_gate", "down"):
+        assert f"fragments {proj}: every shard is its local linear's fragment order" in out
+
+
 def test_tp_openai_server_at_tp2(tmp_path):
     out = run_scenario("serve_demo", tmp_path, devices=2)
     assert "TP2 server completion" in out

@@ -279,7 +279,47 @@ def serve_demo(tmp: pathlib.Path) -> None:
     print(f"TP2 server completion: {body['choices'][0]['text']!r} usage {body['usage']}")
 
 
-SCENARIOS = {f.__name__: f for f in (shards, checkpoints, multiprocess, serve_demo)}
+def fragments(tmp: pathlib.Path) -> None:
+    """WINT2 expert stacks sharded over 2 devices (up_gate by columns, down by rows) re-ordered
+    for the Mosaic kernel shard by shard: each device's block is the fragment order of its own
+    local linear, in place and not, and the inverse gives the rows back."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import pallas_kernels
+    from jaxwint2.parallel import make_mesh
+    from pallas_kernels import kernel_mosaic, shapes
+
+    mesh = make_mesh(2)
+    cases = {"up_gate": (1024, 512, P(None, None, None, "tp")),
+             "down": (1024, 256, P(None, None, "tp", None))}
+    for proj, (k, n, spec) in cases.items():
+        w = shapes.random_linear(jax.random.key(0), "wint2", k, n, 3)
+        w = {f: jnp.stack([a, a[::-1]]) for f, a in w.items()}  # [L=2, E=3, ...]
+        put = {f: jax.device_put(a, NamedSharding(mesh, P(*spec[:a.ndim - 1], spec[-1])
+                                                   if f in ("quant_weight", "weight_scale")
+                                                   else P())) for f, a in w.items()}
+        for in_place in (False, True):
+            src = jax.tree.map(jnp.copy, put) if in_place else put
+            f = pallas_kernels.to_fragments(src, in_place=in_place)
+            for leaf, frag in (("quant_weight", kernel_mosaic.fragment_weights),
+                               ("weight_scale", kernel_mosaic.fragment_scales)):
+                got = f[leaf]
+                assert got.sharding.spec == put[leaf].sharding.spec, (proj, leaf)
+                for shard in got.addressable_shards:
+                    local = np.asarray(put[leaf])[shard.index]  # [L, E, ...] rows of this shard
+                    want = np.stack([np.asarray(frag(x)).reshape(x.shape) for x in local])
+                    np.testing.assert_array_equal(np.asarray(shard.data), want,
+                                                  err_msg=f"{proj} {leaf} {in_place=}")
+        back = pallas_kernels.from_fragments(pallas_kernels.to_fragments(put))
+        for leaf in w:
+            np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(w[leaf]))
+        print(f"fragments {proj}: every shard is its local linear's fragment order")
+
+
+SCENARIOS = {f.__name__: f for f in (shards, checkpoints, multiprocess, serve_demo, fragments)}
 
 if __name__ == "__main__":
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
