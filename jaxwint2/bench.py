@@ -151,7 +151,7 @@ def run(cfg: ErnieConfig, *, kernels: str, block_size: int, context: int,
     wbytes = tree_bytes(params)
     rows.append(Row("weights in device memory", wbytes / 1e9, "GB",
                     f"{layout.count_params(cfg) / 1e9:.1f}B params"))
-    model = ErnieForCausalLM(cfg, params, kernels=kernels, dtype="bfloat16")
+    model = ErnieForCausalLM(cfg, params, kernels=kernels, dtype="bfloat16", donate_stacks=True)
     del params
     step = model.step_jit
 

@@ -107,4 +107,4 @@ def load(path: str | os.PathLike, *, kernels: str = "auto", tensor_parallel_size
             raise ValueError(f"checkpoint {str(path)!r} has no {part!r}")
     params["layer_stacks"] = stacks
     return ErnieForCausalLM(cfg, params, kernels=kernels, dtype=dtype,
-                            k_order=meta.get("k_order", "natural"))
+                            k_order=meta.get("k_order", "natural"), donate_stacks=True)

@@ -97,14 +97,16 @@ class ErnieForCausalLM(nnx.Module):
       params: runtime-layout tree (``jaxwint2/layout.py``); ``params["layers"]`` is the list of
         per-layer trees, or pass ``params["layer_stacks"]`` (one tree per
         :func:`layer_groups` run, leaves stacked on a leading axis) to skip stacking. On a
-        Hopper GPU (bf16, kernels not ``"reference"``) the model takes ownership of
-        the WINT2 expert stacks: their bytes are re-ordered in place for the Mosaic GPU kernel
-        (:func:`pallas_kernels.to_fragments`), so the given arrays of those leaves are consumed.
+        Hopper GPU (bf16, kernels not ``"reference"``) WINT2 expert bytes are re-ordered for the
+        Mosaic GPU kernel (:func:`pallas_kernels.to_fragments`): into a copy, or, with
+        ``donate_stacks``, inside the given stacks (consumed; peak memory one layer instead of a
+        second copy of the experts: what a 300B on one GPU needs).
       kernels: ``"pallas"`` | ``"reference"`` | ``"auto"`` (see :mod:`jaxwint2.formats`).
       dtype: activation / compute dtype, ``"bfloat16"`` or ``"float32"``.
       k_order: WINT2 in-group K order of the checkpoint (``meta["k_order"]``).
       axis_name: mesh axis for tensor parallelism under ``shard_map`` (sums after ``o`` and
         every FFN); ``None`` for one device.
+      donate_stacks: the caller hands over ``params["layer_stacks"]`` (see ``params``).
 
     Example:
       >>> model = ErnieForCausalLM.from_params(ErnieConfig.tiny(), params)
@@ -113,7 +115,7 @@ class ErnieForCausalLM(nnx.Module):
 
     def __init__(self, cfg: ErnieConfig, params: Mapping[str, Any], *, kernels: str = "auto",
                  dtype: str = "bfloat16", k_order: str = "natural",
-                 axis_name: str | None = None):
+                 axis_name: str | None = None, donate_stacks: bool = False):
         implementation_for(kernels)
         self.config = cfg
         self.kernels = kernels
@@ -122,6 +124,7 @@ class ErnieForCausalLM(nnx.Module):
         dense_fmt = WeightFormat(cfg.dense_format, kernels, k_order)
         groups = layer_groups(cfg)
         stacks = params.get("layer_stacks")
+        in_place = donate_stacks or stacks is None  # stacks built here are ours to re-order
         if stacks is None:
             stacks = [stack_layers(params["layers"][g.start:g.stop]) for g in groups]
         if len(stacks) != len(groups):
@@ -136,7 +139,7 @@ class ErnieForCausalLM(nnx.Module):
                 fmt = WeightFormat(cfg.expert_format(g.start), kernels, k_order)
                 if self._use_fragments(fmt, st["mlp"]["experts"], axis_name):
                     fmt = dataclasses.replace(fmt, byte_order="fragments")
-                    experts = {proj: pallas_kernels.to_fragments(w, in_place=True)
+                    experts = {proj: pallas_kernels.to_fragments(w, in_place=in_place)
                                for proj, w in st["mlp"]["experts"].items()}
                     stacks[i] = {**st, "mlp": {**st["mlp"], "experts": experts}}
             expert_fmts.append(fmt)

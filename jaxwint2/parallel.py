@@ -297,7 +297,7 @@ class TPModel(nnx.Module):
       cfg: the TP1 model config.
       params: the output of :func:`shard_params` on ``mesh``.
       mesh: the ``("tp",)`` mesh.
-      kernels, dtype, k_order: as for :class:`~jaxwint2.model.ErnieForCausalLM`.
+      kernels, dtype, k_order, donate_stacks: as for :class:`~jaxwint2.model.ErnieForCausalLM`.
 
     Example:
       >>> mesh = make_mesh(4)
@@ -306,7 +306,8 @@ class TPModel(nnx.Module):
     """
 
     def __init__(self, cfg: ErnieConfig, params: Tree, mesh: Mesh, *, kernels: str = "auto",
-                 dtype: str = "bfloat16", k_order: str = "natural", collectives: bool = True):
+                 dtype: str = "bfloat16", k_order: str = "natural", collectives: bool = True,
+                 donate_stacks: bool = False):
         self.config = cfg
         self.mesh = mesh
         self.tensor_parallel_size = mesh.size
@@ -314,7 +315,8 @@ class TPModel(nnx.Module):
         # collectives=False drops every psum / all-gather: wrong numbers, same local work; only
         # the benchmark uses it, to measure the collectives' share of a step.
         self.module = ErnieForCausalLM(self.local_config, params, kernels=kernels, dtype=dtype,
-                                       k_order=k_order, axis_name=AXIS if collectives else None)
+                                       k_order=k_order, axis_name=AXIS if collectives else None,
+                                       donate_stacks=donate_stacks)
         graphdef, state = nnx.split(self.module)
         specs = jax.tree.map(
             lambda a: a.sharding.spec if isinstance(a.sharding, NamedSharding) else P(), state)
@@ -453,4 +455,4 @@ def load_tensor_parallel(path: str | os.PathLike, tensor_parallel_size: int, *,
     local_config(cfg, mesh.size)  # fail before reading any tensor
     params = shard_params(cfg, parts, mesh)
     return TPModel(cfg, params, mesh, kernels=kernels, dtype=dtype,
-                   k_order=meta.get("k_order", "natural"))
+                   k_order=meta.get("k_order", "natural"), donate_stacks=True)

@@ -218,7 +218,7 @@ def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], 
     if layers is not None:
         cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
     params = jax.block_until_ready(bench.synthetic_params(cfg, seed))
-    model = ErnieForCausalLM(cfg, params, kernels=kernels, dtype="bfloat16")
+    model = ErnieForCausalLM(cfg, params, kernels=kernels, dtype="bfloat16", donate_stacks=True)
     del params
     graphdef, state = nnx.split(model)
     step = _step_jit(graphdef)

@@ -152,7 +152,7 @@ def build_engine(args) -> Engine:
 
         cfg = PRESETS[args.synthetic]()
         model = ErnieForCausalLM(cfg, synthetic_params(cfg), kernels=args.kernels,
-                                 dtype="bfloat16")
+                                 dtype="bfloat16", donate_stacks=True)
         return Engine(model, SyntheticTokenizer(), config).start()
     engine, _ = load_engine(args.model, kernels=args.kernels,
                             tensor_parallel_size=args.tensor_parallel_size, config=config)
