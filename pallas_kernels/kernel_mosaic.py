@@ -108,26 +108,39 @@ def _scale_positions() -> tuple[np.ndarray, np.ndarray]:
     return srow, 16 * (quad // 8) + quad % 8 + 8 * i
 
 
+def _permute_blocks(a, rows: int, positions, *, inverse: bool = False):
+    """Permute the bytes inside every ``[rows, 64]`` block of ``a [G, R, N]`` (same shape).
+
+    Blocks are ordered (column block, row block), each flattened in ``positions`` order:
+    ``out`` reshaped ``[G, N/64, R/rows, rows*64]`` holds ``a[g, rb*rows + p, nb*64 + n]`` at
+    the index of ``(p, n)`` in ``positions``. ``inverse`` undoes it.
+    """
+    g, r, n = a.shape
+    p, nn = positions
+    xp = jnp if isinstance(a, jax.Array) else np
+    order = p * BLOCK_N + nn
+    if inverse:
+        blocks = a.reshape(g, n // BLOCK_N, r // rows, rows * BLOCK_N)
+        blocks = blocks[..., xp.asarray(np.argsort(order))]
+        blocks = blocks.reshape(g, n // BLOCK_N, r // rows, rows, BLOCK_N)
+        return blocks.transpose(0, 2, 3, 1, 4).reshape(g, r, n)
+    blocks = a.reshape(g, r // rows, rows, n // BLOCK_N, BLOCK_N).transpose(0, 3, 1, 2, 4)
+    blocks = blocks.reshape(g, n // BLOCK_N, r // rows, rows * BLOCK_N)[..., xp.asarray(order)]
+    return blocks.reshape(g, r, n)
+
+
 def fragment_weights(qw):
     """``[G, K/4, N]`` packed WINT2 bytes -> ``[G, N/64, K/256, 16, 256]`` fragment chunks."""
     g, kq, n = qw.shape
     _check_dims(4 * kq, n)
-    p, nn = _byte_positions()
-    xp = jnp if isinstance(qw, jax.Array) else np
-    w = qw.reshape(g, kq // 64, 64, n // BLOCK_N, BLOCK_N).transpose(0, 3, 1, 2, 4)
-    w = w.reshape(g, n // BLOCK_N, kq // 64, 64 * BLOCK_N)[..., xp.asarray(p * BLOCK_N + nn)]
-    return w.reshape(g, n // BLOCK_N, kq // 64, 16, 256)
+    return _permute_blocks(qw, 64, _byte_positions()).reshape(g, n // BLOCK_N, kq // 64, 16, 256)
 
 
 def fragment_scales(ws):
     """``[G, K/128, N]`` scale bytes (two 64-row groups each) -> ``[G, N/64, K/256, 128]``."""
     g, k2, n = ws.shape
     _check_dims(128 * k2, n)
-    srow, nn = _scale_positions()
-    xp = jnp if isinstance(ws, jax.Array) else np
-    s = ws.reshape(g, k2 // 2, 2, n // BLOCK_N, BLOCK_N).transpose(0, 3, 1, 2, 4)
-    s = s.reshape(g, n // BLOCK_N, k2 // 2, 2 * BLOCK_N)[..., xp.asarray(srow * BLOCK_N + nn)]
-    return s.reshape(g, n // BLOCK_N, k2 // 2, 128)
+    return _permute_blocks(ws, 2, _scale_positions()).reshape(g, n // BLOCK_N, k2 // 2, 128)
 
 
 def _check_dims(k: int, n: int) -> None:
@@ -135,15 +148,6 @@ def _check_dims(k: int, n: int) -> None:
         raise NotImplementedError(
             f"the Mosaic WINT2 kernel needs K % {BLOCK_K} == 0 and N % {BLOCK_N} == 0, got "
             f"K={k}, N={n}")
-
-
-def unfragment_weights(qwf):
-    """Inverse of :func:`fragment_weights` (tests and debugging)."""
-    g, nb, ks = qwf.shape[:3]
-    p, nn = _byte_positions()
-    out = np.empty((g, nb, ks, 64, BLOCK_N), np.uint8)
-    out[:, :, :, p, nn] = np.asarray(qwf).reshape(g, nb, ks, STEP_BYTES)
-    return out.transpose(0, 2, 3, 1, 4).reshape(g, ks * 64, nb * BLOCK_N)
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,29 +522,19 @@ REORDERED = ("quant_weight", "weight_scale")
 
 
 def _frag_q(qw):  # [E, K/4, N] -> same shape, fragment byte order
-    return fragment_weights(qw).reshape(qw.shape)
+    return _permute_blocks(qw, 64, _byte_positions())
 
 
 def _frag_s(ws):
-    return fragment_scales(ws).reshape(ws.shape)
+    return _permute_blocks(ws, 2, _scale_positions())
 
 
 def _unfrag_q(qf):
-    e, kq, n = qf.shape
-    p, nn = _byte_positions()
-    blocks = qf.reshape(e, n // BLOCK_N, kq // 64, STEP_BYTES)
-    inv = jnp.argsort(jnp.asarray(p * BLOCK_N + nn))
-    w = blocks[..., inv].reshape(e, n // BLOCK_N, kq // 64, 64, BLOCK_N)
-    return w.transpose(0, 2, 3, 1, 4).reshape(e, kq, n)
+    return _permute_blocks(qf, 64, _byte_positions(), inverse=True)
 
 
 def _unfrag_s(sf):
-    e, k2, n = sf.shape
-    srow, nn = _scale_positions()
-    blocks = sf.reshape(e, n // BLOCK_N, k2 // 2, 2 * BLOCK_N)
-    inv = jnp.argsort(jnp.asarray(srow * BLOCK_N + nn))  # a permutation: 128 distinct bytes
-    s = blocks[..., inv].reshape(e, n // BLOCK_N, k2 // 2, 2, BLOCK_N)
-    return s.transpose(0, 2, 3, 1, 4).reshape(e, k2, n)
+    return _permute_blocks(sf, 2, _scale_positions(), inverse=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -655,13 +649,14 @@ def schedule_for(block_m: int, activation) -> str:
 
 
 def block_m_for(m: int, groups: int) -> int:
-    """Rows per tile (wgmma N): the rows of an active expert, rounded up to 8..128.
+    """Rows per tile (wgmma N): the rows of an active expert, rounded up to 8..64.
 
-    H100, 300B shapes (``results/NOTES.md`` §20): 8 rows per tile up to 8 rows per expert, 32 at
-    32, 64-128 at 128 (128 keeps the shared memory of two x stages under the 227 KiB limit).
+    H100, 300B shapes (``results/NOTES.md`` §20, §23): 8 rows per tile up to 8 rows per expert,
+    32 at 32; at 128 rows per expert 64-row tiles beat 128 (up_gate 3246 vs 4154 µs, down 2758
+    vs 3063: a 128-column fp32 accumulator per SwiGLU half costs the occupancy).
     """
     per = -(-m // max(1, min(groups, m)))
-    return min(128, max(8, 1 << (per - 1).bit_length()))
+    return min(64, max(8, 1 << (per - 1).bit_length()))
 
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
