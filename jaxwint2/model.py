@@ -137,7 +137,7 @@ class ErnieForCausalLM(nnx.Module):
             fmt = None
             if cfg.is_moe_layer(g.start):
                 fmt = WeightFormat(cfg.expert_format(g.start), kernels, k_order)
-                if self._use_fragments(fmt, st["mlp"]["experts"], axis_name):
+                if self._use_fragments(fmt, st["mlp"]["experts"]):
                     fmt = dataclasses.replace(fmt, byte_order="fragments")
                     experts = {proj: pallas_kernels.to_fragments(w, in_place=in_place)
                                for proj, w in st["mlp"]["experts"].items()}
@@ -152,22 +152,17 @@ class ErnieForCausalLM(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(params["lm_head"]["weight"])
         self.axis_name = axis_name
 
-    def _use_fragments(self, fmt: WeightFormat, experts: Mapping[str, Any],
-                       axis_name: str | None) -> bool:
+    def _use_fragments(self, fmt: WeightFormat, experts: Mapping[str, Any]) -> bool:
         """WINT2 experts go to the Mosaic GPU kernel (fragment byte order) on a Hopper GPU.
 
-        Also under tensor parallelism (shapes per shard); not for fp32 activations or the
-        reference kernels; either K order of the checkpoint. Measured
-        reason: ``pallas_kernels/results/NOTES.md`` §20-22 (the 300B expert FFN 1.2-2.1x the
-        Triton kernel at 1-1024 tokens on an H100; decode 42.8 -> 55.9 tok/s on an H200).
+        Also under tensor parallelism (each shard's own shapes and bytes) and for either K order
+        of the checkpoint; not for fp32 activations or the reference kernels. Measured reason:
+        ``pallas_kernels/results/NOTES.md`` §20-24 (the 300B expert FFN 1.2-2.1x the Triton
+        kernel at 1-1024 tokens on an H100; decode 42.8 -> 55.9 tok/s on an H200).
         """
-        del axis_name  # under tensor parallelism: each shard's own bytes (to_fragments)
-        if (fmt.name != "wint2" or fmt.kernels == "reference" or self.dtype != "bfloat16"
-                or not pallas_kernels.fragments_available()):
-            return False
-        shapes = [pallas_kernels.kernel_mosaic.local_shape(w["quant_weight"])
-                  for w in experts.values()]
-        return all(pallas_kernels.fragments_support(4 * s[-2], s[-1]) for s in shapes)
+        return (fmt.name == "wint2" and fmt.kernels != "reference" and self.dtype == "bfloat16"
+                and pallas_kernels.fragments_available()
+                and all(pallas_kernels.fragments_support(w) for w in experts.values()))
 
     @classmethod
     def from_params(cls, cfg: ErnieConfig, params: Mapping[str, Any], **kw) -> ErnieForCausalLM:

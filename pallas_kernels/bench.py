@@ -11,7 +11,9 @@ Owns the measurement protocol (not the kernels). One run:
    down's epilogue) for tokens in ``shapes.TOKENS``, uniform and skewed routing, against
    baselines timed in the same run: bf16 weights through XLA per-expert matmuls (active experts,
    routing known to the compiler), the naive path (jnp decode of the active experts' WINT2
-   weights + XLA per-expert matmuls), and the WINT4 Pallas kernel.
+   weights + XLA per-expert matmuls), and the WINT4 Pallas kernel. On a Hopper GPU the WINT2
+   row is the Mosaic GPU kernel (``kernel_mosaic.py``, fragment byte order; impl
+   ``pallas_mosaic``) and the Triton WINT2 kernel is timed beside it as one more baseline.
 
 Timing: each timed call runs ``R`` independent instances (fresh x; expert labels rotated so that
 the instances touch different weights while their total exceeds ~3x the L2) inside one jit;

@@ -205,6 +205,18 @@ def _mgpu():
     return ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu
 
 
+def _thread_rows():
+    """``(tid, lane, r)`` as i32: thread in the warpgroup, lane, and its first fragment row
+    ``16 * warp + lane // 4`` (the second is ``r + 8``)."""
+    ir, arith, gpu, *_, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    tid = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mu.c(128, i32))
+    lane = arith.remui(tid, mu.c(32, i32))
+    r = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
+                   arith.divui(lane, mu.c(4, i32)))
+    return tid, lane, r
+
+
 def _asm(llvm, ir, text, constraints, args, n_out):
     i32 = ir.IntegerType.get_signless(32)
     if n_out == 1:
@@ -225,8 +237,7 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False):
     i8 = ir.IntegerType.get_signless(8)
     index = ir.IndexType.get()
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-    tid = arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x))
-    tid = arith.remui(tid, mu.c(128, i32))
+    tid, _, _ = _thread_rows()
 
     def idx(v):
         return arith.index_cast(index, v)
@@ -296,9 +307,7 @@ def _consts_regs(cs_ref, zp_ref):
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     index = ir.IndexType.get()
-    tid = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mu.c(128, i32))
-    r = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                   arith.divui(arith.remui(tid, mu.c(32, i32)), mu.c(4, i32)))
+    _, _, r = _thread_rows()
     rows = [r, arith.addi(r, mu.c(8, i32))]
     f32 = ir.F32Type.get()
     vals = [memref.load(ref, [arith.index_cast(index, n)]) for ref in (cs_ref, zp_ref)
@@ -311,33 +320,30 @@ def _consts_regs(cs_ref, zp_ref):
                               _is_signed=None)
 
 
-def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, *, row0_ref, n0s, bm: int,
-                swiglu: bool, zero: bool):
+def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm: int,
+                swiglu: bool):
     """Inside ``inline_mgpu``: scale, activate and store rows ``[lo, hi)`` of the transposed tile.
 
-    ``accs``: fp32 ``[64, bm]`` WGMMA-layout accumulators (one, or gate and up); element (n, m)
-    goes to ``out[row0 + m, n0 + n]``.
+    ``accs``: fp32 ``[64, bm]`` WGMMA-layout accumulators (one, or gate and up; none: a padding
+    tile, zeros); element (n, m) goes to ``out[row0 + m, n]`` (``out`` is the program's 64
+    columns); ``ss_refs`` the per-column super scales of each accumulator.
     """
     ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     f32 = ir.F32Type.get()
     bf16 = ir.BF16Type.get()
     index = ir.IndexType.get()
-    tid = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), mu.c(128, i32))
-    lane = arith.remui(tid, mu.c(32, i32))
-    r = arith.addi(arith.muli(arith.divui(tid, mu.c(32, i32)), mu.c(16, i32)),
-                   arith.divui(lane, mu.c(4, i32)))
+    _, lane, r = _thread_rows()
     c2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
     load0 = lambda ref: memref.load(ref, [arith.constant(index, 0)])  # noqa: E731
     lo, hi, row0 = load0(lo_ref), load0(hi_ref), load0(row0_ref)
-    n0 = n0s[0]
     for i in range(2):
         n = arith.addi(r, mu.c(8 * i, i32))
         ss = [memref.load(ref, [arith.index_cast(index, n)]) for ref in ss_refs]
         for jj in range(bm // 8):
             for e in range(2):
                 m = arith.addi(row0, arith.addi(mu.c(8 * jj + e, i32), c2))
-                if zero:
+                if not accs:
                     y = arith.constant(f32, 0.0)
                 else:
                     vals = [vector.extract(a.registers[0, jj, 0, 0, i, 0, 0, 0, 0],
@@ -358,8 +364,7 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, *, row0_ref, n0s
                 with mu.when(ok):
                     memref.store(arith.truncf(bf16, y) if out_ref.type.element_type == bf16
                                  else y, out_ref,
-                                 [arith.index_cast(index, m),
-                                  arith.index_cast(index, arith.addi(n0, n))])
+                                 [arith.index_cast(index, m), arith.index_cast(index, n)])
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
@@ -418,28 +423,17 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             return _plane(pairs, nib2, k2, shift)
         return cut
 
-    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, n0, zero):
-        arg_types = ((plgpu.Layout.WGMMA,) * len(accs) + (plgpu.RefType(),) * len(ss_refs)
-                     + (plgpu.RefType(),) * (4 + (rs_ref is not None)))
-        refs = (*ss_refs, out_ref, lo_ref, hi_ref, row0_ref,
-                *(() if rs_ref is None else (rs_ref,)))
+    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref):
+        na, ns, nr = len(accs), len(ss_refs), rs_ref is not None
+        arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 4 + nr)
 
         @plgpu.inline_mgpu(arg_types=arg_types)
         def _store(_, *args):
-            from jax._src.lib.mlir import ir
-            from jax._src.lib.mlir.dialects import arith
-            a = list(args)
-            acc_vals = a[:len(accs)]
-            del a[:len(accs)]
-            ss_r = a[:len(ss_refs)]
-            del a[:len(ss_refs)]
-            o_r, lo_r, hi_r, r0_r = a[:4]
-            rs_r = a[4] if len(a) > 4 else None
-            i32 = ir.IntegerType.get_signless(32)
-            _store_tile(acc_vals, ss_r, rs_r, o_r, lo_r, hi_r, row0_ref=r0_r,
-                        n0s=[arith.constant(i32, 0)], bm=block_m, swiglu=swiglu, zero=zero)
+            accs, ss_r, (o_r, lo_r, hi_r, r0_r, *rs_r) = args[:na], args[na:na + ns], args[na + ns:]
+            _store_tile(accs, ss_r, rs_r[0] if rs_r else None, o_r, lo_r, hi_r, r0_r,
+                        bm=block_m, swiglu=swiglu)
 
-        _store(*accs, *refs)
+        _store(*accs, *ss_refs, out_ref, lo_ref, hi_ref, row0_ref, *([rs_ref] if nr else []))
 
     def wint2_fragments_matmul(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref,
                                ss_ref, cs_ref, zp_ref, *rest):
@@ -491,15 +485,13 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                     x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
                 vals = [acc[...] for acc in accs]
                 store(vals, [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs], rs_ref,
-                      out_cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile], None,
-                      zero=False)
+                      out_cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile])
 
             pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * halves)
 
         @pl.when((hi > lo) & (g >= num_groups))
         def _padding():
-            store([], [], None, out_cols, lo_ref.at[tile],
-                  hi_ref.at[tile], row0_ref.at[tile], None, zero=True)
+            store([], [], None, out_cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile])
 
     kernel = plgpu.kernel(
         wint2_fragments_matmul,
@@ -604,9 +596,10 @@ def _reorder(w: dict, fns: dict, *, in_place: bool) -> dict:
     return out
 
 
-def supports(k: int, n: int) -> bool:
-    """Whether a ``[K, N]`` WINT2 linear fits this kernel's blocks."""
-    return k % BLOCK_K == 0 and n % BLOCK_N == 0
+def supports(w: dict) -> bool:
+    """Whether a WINT2 ``<linear>`` (its per-device shard, if sharded) fits this kernel's blocks."""
+    shape = local_shape(w["quant_weight"])
+    return (4 * shape[-2]) % BLOCK_K == 0 and shape[-1] % BLOCK_N == 0
 
 
 def to_fragments(w: dict, *, in_place: bool = False) -> dict:

@@ -301,6 +301,9 @@ def fragments(tmp: pathlib.Path) -> None:
         put = {f: jax.device_put(a, NamedSharding(mesh, P(*spec[:a.ndim - 1], spec[-1])
                                                    if f in ("quant_weight", "weight_scale")
                                                    else P())) for f, a in w.items()}
+        assert kernel_mosaic.local_shape(put["quant_weight"])[-2:] == (
+            (k // 4, n // 2) if proj == "up_gate" else (k // 8, n)), proj
+        assert pallas_kernels.fragments_support(put), proj
         for in_place in (False, True):
             src = jax.tree.map(jnp.copy, put) if in_place else put
             f = pallas_kernels.to_fragments(src, in_place=in_place)
