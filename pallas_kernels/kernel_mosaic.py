@@ -623,9 +623,17 @@ def from_fragments(w: dict) -> dict:
     return _reorder(w, {"quant_weight": _unfrag_q, "weight_scale": _unfrag_s}, in_place=False)
 
 
+# The jax releases whose Mosaic GPU this kernel was run and tested on (the API moves quickly;
+# 0.10.2 lowers it on a CPU but was never run on a GPU): older ones keep the Triton kernel.
+MIN_JAX = (0, 11, 2)
+
+
 def available() -> bool:
-    """A Hopper GPU and a jax whose Pallas Mosaic GPU has what this kernel uses."""
+    """A Hopper GPU and a jax (>= ``MIN_JAX``) whose Pallas Mosaic GPU has what this uses."""
     try:
+        version = tuple(int(p) for p in jax.__version__.split(".")[:3])
+        if version < MIN_JAX:
+            return False
         d = jax.devices()[0]
         if d.platform != "gpu" or not str(getattr(d, "compute_capability", "")).startswith("9"):
             return False
