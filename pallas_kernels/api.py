@@ -86,43 +86,35 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
     checkpoint's packed rows) or, WINT2 only, ``"fragments"`` (bytes re-ordered by
     :func:`pallas_kernels.to_fragments` for the Mosaic GPU kernel, ``kernel_mosaic.py``).
     """
+    if byte_order not in ("rows", "fragments"):
+        raise ValueError(f"byte_order must be 'rows' or 'fragments', got {byte_order!r}")
+    if byte_order == "fragments" and fmt != "wint2":
+        raise ValueError(f"byte_order='fragments' holds wint2 weights, got {fmt=}")
+    if implementation not in ("pallas", "xla", None):
+        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
     kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
               out_dtype=out_dtype)
-    ref = reference.quant_grouped_matmul_reference
-    if byte_order == "fragments":
-        return _grouped_fragments(x, w, group_sizes, implementation=implementation, layer=layer,
-                                  **kw)
-    if byte_order != "rows":
-        raise ValueError(f"byte_order must be 'rows' or 'fragments', got {byte_order!r}")
-    if implementation == "xla":
-        return ref(x, _layer_of(w, layer), group_sizes, **kw)
-    if implementation not in ("pallas", None):
-        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
-    if implementation is None and not _on_gpu():
-        return ref(x, _layer_of(w, layer), group_sizes, **kw)
+
+    def ref():
+        rows = _layer_of(w, layer)
+        if byte_order == "fragments":
+            from .kernel_mosaic import from_fragments
+
+            rows = from_fragments(rows)
+        return reference.quant_grouped_matmul_reference(x, rows, group_sizes, **kw)
+
+    if implementation == "xla" or (implementation is None and not _on_gpu()):
+        return ref()
     try:
+        if byte_order == "fragments":  # the Mosaic GPU kernel (Hopper only)
+            from .kernel_mosaic import grouped_matmul_fragments
+
+            return grouped_matmul_fragments(x, w, group_sizes, layer=layer, k_order=k_order,
+                                            activation=activation, row_scale=row_scale,
+                                            out_dtype=out_dtype)
         return _kernels().quant_grouped_matmul(x, w, group_sizes, interpret=not _on_gpu(),
                                                layer=layer, **kw)
     except NotImplementedError:
         if implementation == "pallas":
             raise
-        return ref(x, _layer_of(w, layer), group_sizes, **kw)
-
-
-def _grouped_fragments(x, w, group_sizes, *, implementation, layer, fmt, k_order, **kw):
-    from . import kernel_mosaic
-
-    if fmt != "wint2":
-        raise ValueError(f"byte_order='fragments' holds wint2 weights, got {fmt=}")
-    if implementation not in ("pallas", "xla", None):
-        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
-    if implementation != "xla":
-        try:
-            return kernel_mosaic.grouped_matmul_fragments(x, w, group_sizes, layer=layer,
-                                                          k_order=k_order, **kw)
-        except NotImplementedError:
-            if implementation == "pallas":
-                raise
-    rows = kernel_mosaic.from_fragments(_layer_of(w, layer))
-    return reference.quant_grouped_matmul_reference(x, rows, group_sizes, fmt=fmt,
-                                                    k_order=k_order, **kw)
+        return ref()

@@ -36,8 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--kernel", choices=("triton", "mosaic"), default="triton")
     p.add_argument("--block-m", type=int, default=None, help="mosaic: rows per tile")
     p.add_argument("--stages", type=int, default=2, help="mosaic: pipeline stages")
-    p.add_argument("--schedule", choices=("all", "half", "one"), default=None,
-                   help="mosaic: decode schedule (kernel_mosaic.SCHEDULE; default by shape)")
+    p.add_argument("--schedule", choices=kernel_mosaic.SCHEDULES, default=None,
+                   help="mosaic: decode schedule (default: kernel_mosaic.schedule_for)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -52,10 +52,10 @@ def main(argv=None) -> None:
                                         s.experts))
     x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
     if a.kernel == "mosaic":
-        kernel_mosaic.SCHEDULE = a.schedule
         w = kernel_mosaic.to_fragments(w)
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
-            x, w, gs, activation=act, block_m=a.block_m, stages=a.stages))
+            x, w, gs, activation=act, block_m=a.block_m, stages=a.stages,
+            schedule=a.schedule))
     else:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,

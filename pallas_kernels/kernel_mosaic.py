@@ -41,7 +41,7 @@ Tiles, routing and the epilogue are the Triton kernel's (``kernels.tile_table``)
 SwiGLU) for the bm-row block of tile t, and stores the rows ``[lo, hi)`` of its group with
 per-element masked stores (tiles of different experts share row blocks). The K loop is
 ``emit_pipeline`` (TMA into shared memory, 2 stages: x tile, byte chunk, scale chunk). Its
-schedule (``SCHEDULE``, :func:`schedule_for`): decode all 4 planes of a step, issue their
+schedule (``SCHEDULES``, :func:`schedule_for`): decode all 4 planes of a step, issue their
 wgmmas, wait; or cut planes one at a time with one wgmma in flight (128 instead of 197
 registers for the SwiGLU projection: 4 resident warpgroups an SM instead of 2).
 
@@ -71,11 +71,11 @@ BLOCK_N = 64  # output columns per warpgroup (wgmma M)
 BLOCK_K = 256  # K rows per pipeline step: 4 planes of 64 (one 128-byte swizzle row of x)
 STEP_BYTES = BLOCK_N * BLOCK_K // 4  # 4096 packed bytes per (column block, K step)
 _SHIFTS = (9, 6, 3, 0)  # code bits of planes 0..3
-# How much of a K step is decoded before its wgmmas are issued (live registers vs waits):
-# "all" (every plane of both SwiGLU halves), "half" (one half's 4 planes, then wait), "one"
-# (the code pairs once, then one plane at a time with one wgmma in flight); None picks by
-# shape (:func:`schedule_for`). Measured: results/NOTES.md §21.
-SCHEDULE: str | None = None
+# Decode schedules, how much of a K step is decoded before its wgmmas are issued (live
+# registers vs waits): "all" (every plane of both SwiGLU halves), "half" (one half's 4 planes,
+# then wait), "one" (the code pairs once, then one plane at a time with one wgmma in flight).
+# Picked by shape (:func:`schedule_for`); measured: results/NOTES.md §21.
+SCHEDULES = ("all", "half", "one")
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,9 +389,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise NotImplementedError(f"x rows ({m}) must be padded to a multiple of {block_m}")
     if block_m % 8 or block_m > 256:
         raise NotImplementedError(f"block_m={block_m} must be a multiple of 8, at most 256")
-    schedule = schedule or SCHEDULE or schedule_for(block_m, activation)
-    if schedule not in ("all", "half", "one"):
-        raise ValueError(f"schedule={schedule!r} must be 'all', 'half' or 'one'")
+    schedule = schedule or schedule_for(block_m, activation)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     grp, blk, lo_t, hi_t = tiles
     row0_t = blk * block_m
     num_tiles = grp.shape[0]
@@ -645,7 +645,7 @@ def available() -> bool:
 
 
 def schedule_for(block_m: int, activation) -> str:
-    """Decode schedule (see ``SCHEDULE``) by shape; H100 300B sweeps, results/NOTES.md §21."""
+    """Decode schedule (see ``SCHEDULES``) by shape; H100 300B sweeps, results/NOTES.md §21."""
     return "one" if activation == "swiglu" and block_m >= 64 else "all"
 
 
@@ -662,12 +662,14 @@ def block_m_for(m: int, groups: int) -> int:
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
                              out_dtype=None, layer=None, k_order: str = "natural",
-                             block_m: int | None = None, stages: int = 2):
+                             block_m: int | None = None, stages: int = 2,
+                             schedule: str | None = None):
     """``epilogue(x[rows of e] @ W[e])`` for fragment-ordered WINT2 experts (rows sorted by e).
 
     ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place); ``k_order``
     the checkpoint's in-group K order (a shuffled one is undone on x's columns, together with
-    the plane order). Raises NotImplementedError for what the kernel does not take (f32 x,
+    the plane order). ``block_m`` / ``stages`` / ``schedule`` override the measured choices
+    (benchmarks). Raises NotImplementedError for what the kernel does not take (f32 x,
     K % 256, N % 64, no Hopper GPU).
     """
     from .kernels import _permute_columns, tile_table
@@ -698,5 +700,6 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
         grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, lead)
     rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, (grp, *rest), rs, activation=activation,
-                         out_dtype=out_dtype or x.dtype, block_m=bm, stages=stages)
+                         out_dtype=out_dtype or x.dtype, block_m=bm, stages=stages,
+                         schedule=schedule)
     return out[:m]
