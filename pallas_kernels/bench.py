@@ -15,11 +15,13 @@ Owns the measurement protocol (not the kernels). One run:
    row is the Mosaic GPU kernel (``kernel_mosaic.py``, fragment byte order; impl
    ``pallas_mosaic``) and the Triton WINT2 kernel is timed beside it as one more baseline.
 
-Timing: each timed call runs ``R`` independent instances (fresh x; expert labels rotated so that
-the instances touch different weights while their total exceeds ~3x the L2) inside one jit;
-median over repetitions of wall time / R after a warm-up, with a device sync around each.
-Output: JSON lines (``--out``) and a table printed last. ``--tune`` sweeps kernel configs on the
-two grouped projections and writes ``tuned/<device>.json`` (the only writer of those files).
+Timing (:func:`time_instances`): each timed program runs ``R`` independent instances (fresh x;
+expert labels rotated so that the instances touch different weights while their total exceeds
+~3x the L2); the program is dispatched back to back (>= 20 ms of work) with one sync, so host
+dispatch overlaps GPU work; median over 5 repetitions of wall time / (calls x R). Output: JSON
+lines (``--out``) and a table printed last. ``--tune`` sweeps the Triton kernel's configs on the
+two grouped projections, ``--tune-mosaic`` the Mosaic kernel's (tile rows, pipeline stages,
+decode schedule); both write ``tuned/<device>.json`` (the only writer of those files).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import statistics
 import sys
 import time
@@ -49,15 +52,28 @@ L2_BYTES = 50 * 2**20
 # ---------------------------------------------------------------------------------------------
 
 
-def time_instances(fn, instances, *, reps: int = 5) -> float:
-    """Median seconds per call of ``fn(*inst)``, running all ``instances`` in one jitted program."""
-    run = jax.jit(lambda insts: [fn(*a) for a in insts])
+def time_instances(fn, instances, *, reps: int = 5, min_seconds: float = 0.02) -> float:
+    """Median seconds per call of ``fn(*inst)`` over ``instances``, with dispatch overlapped.
+
+    One jitted program calls ``fn`` (jitted on its own, so a Pallas kernel is lowered and
+    compiled once, not once per instance) on every instance; a timing dispatches that program
+    back to back until ``min_seconds`` of work is queued and syncs once. A single dispatch + sync
+    costs ~0.1-0.2 ms on the GPU machine, as much as a 1-token 300B FFN: timed one program per
+    sync over 2 instances, that FFN read 354 µs for 158 µs of GPU work (results/NOTES.md §25).
+    """
+    inner = jax.jit(fn)
+    run = jax.jit(lambda insts: [inner(*a) for a in insts])
     jax.block_until_ready(run(instances))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(instances))
+    calls = min(200, max(1, math.ceil(min_seconds / (time.perf_counter() - t0))))
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(instances))
-        ts.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            out = run(instances)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / calls)
     return statistics.median(ts) / len(instances)
 
 
@@ -298,6 +314,7 @@ def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str) -> tuple[
         except Exception as err:  # noqa: BLE001 - a config that fails to compile or is refused
             print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
             continue
+        print(f"  {label}: {cfg} {sec * 1e6:.1f} us", flush=True)
         results.append((sec, cfg))
     results.sort(key=lambda v: v[0])
     best_sec, best = results[0]
@@ -329,11 +346,11 @@ def tune_dense(tokens_list, *, shape_names) -> dict:
     return table
 
 
-def _write_tuned(table: dict, meta: dict) -> None:
+def _write_tuned(table: dict, meta: dict, section: str = "configs") -> None:
     path = config_lib.TUNED_DIR / f"{config_lib.device_key()}.json"
     old = json.loads(path.read_text()) if path.exists() else {"configs": {}}
-    old["configs"].update(table)
-    old["meta"] = meta
+    old.setdefault(section, {}).update(table)
+    old["meta" if section == "configs" else f"{section}_meta"] = meta  # the last sweep's run
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
     config_lib._tuned_table.cache_clear()
@@ -393,6 +410,46 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
     return table
 
 
+def _mosaic_candidates(rows: int, experts: int, activation, *, stages=(2,)):
+    """Mosaic configs worth timing: the heuristic's tile height, half and double it (8..64),
+    each with the schedules ``"all"`` and ``"one"`` (``"half"`` never beat ``"one"`` in the
+    session-4 sweeps, results/NOTES.md §21; each candidate costs a ~15 s compile)."""
+    del activation  # both schedules apply to both projections
+    bm0 = kernel_mosaic.block_m_for(rows, experts)
+    for bm in sorted({b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}):
+        for sched in ("all", "one"):
+            for st in stages:
+                yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched)
+
+
+def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:
+    """Sweep ``_mosaic_candidates`` for both projections of ``case`` (fragment byte order)."""
+    s, table = case.shape, {}
+    for proj, act in (("up_gate", "swiglu"), ("down", None)):
+        w = case.frag[0 if proj == "up_gate" else 1]
+        k, n = s.up_gate if proj == "up_gate" else s.down
+        n_out = n // 2 if act else n
+        for tokens in tokens_list:
+            gs = shapes.group_sizes(shapes.route(tokens, s, "uniform", seed=tokens), s.experts)
+            rows = tokens * s.top_k
+            x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
+            key = config_lib.TunedKey("wint2", act or "none", s.experts, k, n_out,
+                                      config_lib.rows_bucket(rows))
+            insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for i in range(4)]
+            op = functools.partial(_mosaic_op, activation=act)
+            name, entry = _sweep(op, insts, _mosaic_candidates(rows, s.experts, act,
+                                                               stages=stages),
+                                 key, f"mosaic {proj} tokens={tokens}")
+            table[name] = entry
+    return table
+
+
+def _mosaic_op(x, w, gs, *, activation, config, interpret=False):
+    del interpret  # the Mosaic kernel has no interpreter (``_sweep``'s common argument)
+    return kernel_mosaic.grouped_matmul_fragments(x, w, gs, activation=activation,
+                                                  config=config)
+
+
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
@@ -425,6 +482,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-checks", action="store_true")
     p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
+    p.add_argument("--tune-mosaic", action="store_true",
+                   help="sweep the Mosaic WINT2 kernel's configs, write tuned/<device>.json")
+    p.add_argument("--stages", default="2", help="pipeline stages --tune-mosaic sweeps")
     p.add_argument("--dense", action="store_true",
                    help="time the dense (attention / dense MLP / lm_head) linears instead")
     p.add_argument("--wint2-decode", choices=("ptx", "jnp"), default="ptx",
@@ -457,6 +517,12 @@ def main(argv=None) -> int:
         case = Case(shapes.SHAPES[name])
         if a.tune:
             _write_tuned(tune(case, tokens, tuple(a.fmts.split(","))), meta)
+            continue
+        if a.tune_mosaic:
+            if case.frag is None:
+                raise SystemExit("--tune-mosaic needs a Hopper GPU (the Mosaic WINT2 kernel)")
+            stages = tuple(int(v) for v in a.stages.split(","))
+            _write_tuned(tune_mosaic(case, tokens, stages=stages), meta, "mosaic")
             continue
         for t in tokens:
             for routing in a.routings.split(","):

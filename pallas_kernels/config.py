@@ -1,9 +1,12 @@
-"""Tuning configs of the grouped weight-only matmul kernel: the type, a heuristic, tuned tables.
+"""Tuning configs of the weight-only matmul kernels: the types, a heuristic, tuned tables.
 
 This module owns the choice of block sizes / warps / pipeline stages for one call. It knows the
-kernel's shape constraints (powers of two, divisibility) but not how the kernel uses the blocks.
+kernels' shape constraints (powers of two, divisibility) but not how they use the blocks.
 Lookup order: an explicit ``config=``, then the tuned table of the current device
-(``tuned/<device_key>.json``, written only by ``bench.py --tune``), then :func:`heuristic_config`.
+(``tuned/<device_key>.json``, written only by ``bench.py --tune`` / ``--tune-mosaic``), then a
+heuristic (:func:`heuristic_config`; the Mosaic kernel's is ``kernel_mosaic.heuristic_config``).
+The table holds two sections: ``configs`` (:class:`TuningConfig`, the Triton kernel) and
+``mosaic`` (:class:`MosaicConfig`, the Mosaic GPU WINT2 kernel).
 
 A tuned-table key is ``fmt|activation|groups|K|N|rows-bucket``; rows are the activation rows the
 kernel sees (tokens x top-k for a MoE layer) rounded up to a power of two.
@@ -71,6 +74,36 @@ class TuningConfig:
         return dataclasses.asdict(self)
 
 
+MOSAIC_SCHEDULES = ("all", "half", "one")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicConfig:
+    """Launch choices of the Mosaic GPU WINT2 kernel (``kernel_mosaic.py``).
+
+    Attributes:
+      block_m: rows per tile, the wgmma N side (a multiple of 8, at most 256).
+      stages: depth of the TMA pipeline over K steps.
+      schedule: how much of a K step is decoded before its wgmmas are issued (``"all"``,
+        ``"half"``, ``"one"``; ``kernel_mosaic.SCHEDULES``).
+    """
+
+    block_m: int
+    stages: int = 2
+    schedule: str = "all"
+
+    def __post_init__(self):
+        if self.block_m % 8 or not 8 <= self.block_m <= 256:
+            raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
+        if self.stages < 1:
+            raise ValueError(f"stages={self.stages} must be >= 1")
+        if self.schedule not in MOSAIC_SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {MOSAIC_SCHEDULES}")
+
+    def to_dict(self) -> dict[str, int | str]:
+        return dataclasses.asdict(self)
+
+
 class TunedKey(NamedTuple):
     fmt: str
     activation: str
@@ -100,15 +133,39 @@ def device_key() -> str:
 FALLBACK_TABLES = {"nvidia_h200": "nvidia_h100_80gb_hbm3"}
 
 
+SECTIONS = {"configs": TuningConfig, "mosaic": MosaicConfig}
+
+
 @functools.cache
-def _tuned_table(device: str) -> dict[str, TuningConfig]:
+def _tuned_table(device: str, section: str = "configs") -> dict:
+    """``{key: config}`` of one section of a device's table (``{}`` if it has none)."""
     path = TUNED_DIR / f"{device}.json"
     if not path.exists() and device in FALLBACK_TABLES:
         path = TUNED_DIR / f"{FALLBACK_TABLES[device]}.json"
     if not path.exists():
         return {}
     raw = json.loads(path.read_text())
-    return {key: TuningConfig(**entry["config"]) for key, entry in raw.get("configs", {}).items()}
+    cls = SECTIONS[section]
+    return {key: cls(**entry["config"]) for key, entry in raw.get(section, {}).items()}
+
+
+def _nearest(table: dict, want: TunedKey):
+    """The entry of the nearest tuned row bucket (within 4x; ties: the larger), else None."""
+    best, best_dist = None, 3
+    for key, cfg in table.items():
+        *head, rows = key.split("|")
+        if head == [str(v) for v in want[:-1]]:
+            dist = abs(int(rows).bit_length() - want.rows.bit_length())
+            if dist < best_dist or (dist == best_dist and int(rows) > want.rows):
+                best, best_dist = cfg, dist
+    return best
+
+
+def tuned_mosaic_config(m: int, k: int, n_out: int, *, activation: str | None = None,
+                        num_groups: int = 1) -> MosaicConfig | None:
+    """The device's tuned Mosaic WINT2 config for this call (nearest row bucket), if any."""
+    want = TunedKey("wint2", activation or "none", num_groups, k, n_out, rows_bucket(m))
+    return _nearest(_tuned_table(device_key(), "mosaic"), want)
 
 
 def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
@@ -144,13 +201,7 @@ def get_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None =
     """The tuned config of the nearest tuned row bucket (within 4x; ties: the larger), else
     the heuristic."""
     want = TunedKey(fmt, activation or "none", num_groups, k, n_out, rows_bucket(m))
-    best, best_dist = None, 3
-    for key, cfg in _tuned_table(device_key()).items():
-        *head, rows = key.split("|")
-        if head == [str(v) for v in want[:-1]]:
-            dist = abs(int(rows).bit_length() - want.rows.bit_length())
-            if dist < best_dist or (dist == best_dist and int(rows) > want.rows):
-                best, best_dist = cfg, dist
+    best = _nearest(_tuned_table(device_key()), want)
     if best is not None:
         return best
     return heuristic_config(fmt, m, k, n_out, activation=activation, num_groups=num_groups)

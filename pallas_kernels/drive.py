@@ -7,7 +7,8 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
         python -m pallas_kernels.drive --tokens 1 --proj up_gate --config 16,32,128,4,mma_gs,1
 
 ``--kernel mosaic`` drives the Mosaic GPU kernel instead (fragment byte order; kernel name
-``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` override its choice).
+``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` / ``--schedule`` override its
+config).
 
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
 benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
@@ -16,6 +17,7 @@ benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -35,9 +37,9 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--kernel", choices=("triton", "mosaic"), default="triton")
     p.add_argument("--block-m", type=int, default=None, help="mosaic: rows per tile")
-    p.add_argument("--stages", type=int, default=2, help="mosaic: pipeline stages")
+    p.add_argument("--stages", type=int, default=None, help="mosaic: pipeline stages")
     p.add_argument("--schedule", choices=kernel_mosaic.SCHEDULES, default=None,
-                   help="mosaic: decode schedule (default: kernel_mosaic.schedule_for)")
+                   help="mosaic: decode schedule (default: tuned, else the heuristic)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -53,9 +55,12 @@ def main(argv=None) -> None:
     x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
     if a.kernel == "mosaic":
         w = kernel_mosaic.to_fragments(w)
+        n_out = n // 2 if act else n
+        mcfg = kernel_mosaic.config_for(x.shape[0], k, n_out, s.experts, act)
+        overrides = dict(block_m=a.block_m, stages=a.stages, schedule=a.schedule)
+        mcfg = dataclasses.replace(mcfg, **{f: v for f, v in overrides.items() if v is not None})
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
-            x, w, gs, activation=act, block_m=a.block_m, stages=a.stages,
-            schedule=a.schedule))
+            x, w, gs, activation=act, config=mcfg))
     else:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
@@ -66,10 +71,7 @@ def main(argv=None) -> None:
     for _ in range(a.calls):
         y = f(x, w, gs)
     jax.block_until_ready(y)
-    what = (f"mosaic schedule={a.schedule or 'auto'} block_m={a.block_m or 'auto'} "
-            f"stages={a.stages}"
-            if a.kernel == "mosaic"
-            else cfg or "tuned config")
+    what = f"mosaic {mcfg}" if a.kernel == "mosaic" else cfg or "tuned config"
     print(f"{a.shape} {a.proj} tokens={a.tokens} {what}: "
           f"{(time.perf_counter() - t0) / a.calls * 1e6:.1f} us per call "
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")

@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import MOSAIC_SCHEDULES, MosaicConfig, tuned_mosaic_config
+
 BLOCK_N = 64  # output columns per warpgroup (wgmma M)
 BLOCK_K = 256  # K rows per pipeline step: 4 planes of 64 (one 128-byte swizzle row of x)
 STEP_BYTES = BLOCK_N * BLOCK_K // 4  # 4096 packed bytes per (column block, K step)
@@ -74,8 +76,8 @@ _SHIFTS = (9, 6, 3, 0)  # code bits of planes 0..3
 # Decode schedules, how much of a K step is decoded before its wgmmas are issued (live
 # registers vs waits): "all" (every plane of both SwiGLU halves), "half" (one half's 4 planes,
 # then wait), "one" (the code pairs once, then one plane at a time with one wgmma in flight).
-# Picked by shape (:func:`schedule_for`); measured: results/NOTES.md §21.
-SCHEDULES = ("all", "half", "one")
+# Picked per call by the tuned table or :func:`heuristic_config`; results/NOTES.md §21, §25.
+SCHEDULES = MOSAIC_SCHEDULES
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   block_m: int, stages: int = 3, schedule: str | None = None):
+                   block_m: int, stages: int, schedule: str):
     """Run the Mosaic kernel on plane-permuted ``x [M, K]`` (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, block, lo, hi)`` int32 ``[T]`` (``kernels.tile_table``, ``block_m`` rows).
@@ -389,7 +391,6 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise NotImplementedError(f"x rows ({m}) must be padded to a multiple of {block_m}")
     if block_m % 8 or block_m > 256:
         raise NotImplementedError(f"block_m={block_m} must be a multiple of 8, at most 256")
-    schedule = schedule or schedule_for(block_m, activation)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     grp, blk, lo_t, hi_t = tiles
@@ -645,32 +646,51 @@ def available() -> bool:
 
 
 def schedule_for(block_m: int, activation) -> str:
-    """Decode schedule (see ``SCHEDULES``) by shape; H100 300B sweeps, results/NOTES.md §21."""
-    return "one" if activation == "swiglu" and block_m >= 64 else "all"
+    """Decode schedule (see ``SCHEDULES``) by shape: one plane at a time under SwiGLU (two
+    halves' planes would not fit the registers otherwise), everything at once for the plain
+    projection (H100 sweeps, ``results/NOTES.md`` §21, §25)."""
+    del block_m  # the 2026-11-22 tune: "one" won or tied at every SwiGLU tile height but one
+    return "one" if activation == "swiglu" else "all"
 
 
 def block_m_for(m: int, groups: int) -> int:
-    """Rows per tile (wgmma N): the rows of an active expert, rounded up to 8..64.
+    """Rows per tile (wgmma N): 1.5x the mean rows of an active expert, a power of two in 8..64.
 
-    H100, 300B shapes (``results/NOTES.md`` §20, §23): 8 rows per tile up to 8 rows per expert,
-    32 at 32; at 128 rows per expert 64-row tiles beat 128 (up_gate 3246 vs 4154 µs, down 2758
-    vs 3063: a 128-column fp32 accumulator per SwiGLU half costs the occupancy).
+    The margin covers routing's spread: at 8 rows an expert (300B, 64 tokens) many experts get
+    more than 8 and a second tile, so 16-row tiles win (up_gate 982 vs 1256 µs, H100). At 128
+    rows an expert 64-row tiles beat 128 (up_gate 3246 vs 4154 µs, down 2758 vs 3063: a
+    128-column fp32 accumulator per SwiGLU half costs the occupancy). ``results/NOTES.md``
+    §20, §23, §25.
     """
     per = -(-m // max(1, min(groups, m)))
-    return min(64, max(8, 1 << (per - 1).bit_length()))
+    want = per + per // 2
+    return min(64, max(8, 1 << (want - 1).bit_length()))
+
+
+def heuristic_config(m: int, groups: int, activation=None) -> MosaicConfig:
+    """The measured rules (:func:`block_m_for`, :func:`schedule_for`, 2 stages) for shapes the
+    device's tuned table does not hold."""
+    bm = block_m_for(m, groups)
+    return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(bm, activation))
+
+
+def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:
+    """The tuned config of this call's shape on this device (``tuned/<device>.json``, section
+    ``mosaic``, nearest row bucket), else :func:`heuristic_config`."""
+    return (tuned_mosaic_config(m, k, n_out, activation=activation, num_groups=groups)
+            or heuristic_config(m, groups, activation))
 
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
                              out_dtype=None, layer=None, k_order: str = "natural",
-                             block_m: int | None = None, stages: int = 2,
-                             schedule: str | None = None):
+                             config: MosaicConfig | None = None):
     """``epilogue(x[rows of e] @ W[e])`` for fragment-ordered WINT2 experts (rows sorted by e).
 
     ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place); ``k_order``
     the checkpoint's in-group K order (a shuffled one is undone on x's columns, together with
-    the plane order). ``block_m`` / ``stages`` / ``schedule`` override the measured choices
-    (benchmarks). Raises NotImplementedError for what the kernel does not take (f32 x,
-    K % 256, N % 64, no Hopper GPU).
+    the plane order). ``config`` overrides the tuned / heuristic choice (:func:`config_for`).
+    Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
+    Hopper GPU).
     """
     from .kernels import _permute_columns, tile_table
 
@@ -692,7 +712,8 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     wsf = fold(w["weight_scale"], n // BLOCK_N, k // BLOCK_K, 128)
     ss, cs, zp = (fold(w[f], n).astype(jnp.float32)
                   for f in ("super_scales", "code_scale", "code_zp"))
-    bm = block_m or block_m_for(m, e)
+    cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
+    bm = cfg.block_m
     mp = -(-m // bm) * bm
     xp = jnp.pad(_permute_columns(x, k, BLOCK_K, 4, k_order), ((0, mp - m), (0, 0)))
     grp, *rest = tile_table(group_sizes, m, bm)
@@ -700,6 +721,6 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
         grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, lead)
     rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, (grp, *rest), rs, activation=activation,
-                         out_dtype=out_dtype or x.dtype, block_m=bm, stages=stages,
-                         schedule=schedule)
+                         out_dtype=out_dtype or x.dtype, block_m=bm, stages=cfg.stages,
+                         schedule=cfg.schedule)
     return out[:m]

@@ -8,14 +8,17 @@ reference path on random data, and the decode bit-exactly with ``dequantize_wint
 a one-hot x.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import kernel_mosaic, reference, shapes
+from pallas_kernels import config, kernel_mosaic, reference, shapes
 from pallas_kernels.checks import _exact_oracle, _poison, skewed_group_sizes
+from pallas_kernels.config import MosaicConfig
 from pallas_kernels.numerics import assert_close
 from pallas_kernels.wint2 import dequantize_wint2
 
@@ -86,7 +89,33 @@ def test_fragment_shapes_the_kernel_cannot_take_are_refused():
 
 def test_block_m_follows_rows_per_expert():
     assert [kernel_mosaic.block_m_for(m, 64) for m in (8, 128, 512, 2048, 8192, 32768)] == \
-        [8, 8, 8, 32, 64, 64]
+        [8, 8, 16, 64, 64, 64]
+
+
+def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch):
+    """``config_for``: the device table's ``mosaic`` section (nearest row bucket within 4x, same
+    fmt / activation / groups / K / N), else the heuristic; bad entries are refused."""
+    entry = lambda **c: {"config": c, "us": 1.0}  # noqa: E731
+    table = {"mosaic": {"wint2|swiglu|64|8192|3584|8": entry(block_m=16, stages=3,
+                                                             schedule="one"),
+                        "wint2|swiglu|64|8192|3584|1024": entry(block_m=32, stages=2,
+                                                                schedule="all")}}
+    (tmp_path / f"{config.device_key()}.json").write_text(json.dumps(table))
+    monkeypatch.setattr(config, "TUNED_DIR", tmp_path)
+    config._tuned_table.cache_clear()
+    try:
+        got = [kernel_mosaic.config_for(m, 8192, 3584, 64, "swiglu") for m in (8, 16, 64, 512)]
+        assert got[0] == got[1] == MosaicConfig(block_m=16, stages=3, schedule="one")
+        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu")  # 8x from both
+        assert got[3] == MosaicConfig(block_m=32, stages=2, schedule="all")
+        assert kernel_mosaic.config_for(8, 8192, 3584, 64, None) == \
+            kernel_mosaic.heuristic_config(8, 64, None)  # other activation: not tuned
+    finally:
+        config._tuned_table.cache_clear()
+    with pytest.raises(ValueError, match="block_m=12"):
+        MosaicConfig(block_m=12)
+    with pytest.raises(ValueError, match="schedule='some'"):
+        MosaicConfig(block_m=8, schedule="some")
 
 
 @pytest.mark.skipif(ON_SM90, reason="on sm90 the kernel runs")
@@ -114,8 +143,9 @@ def test_reference_path_of_fragments_equals_rows():
 GPU_CASES = [
     dict(k=512, n=256, e=3, m=16, activation="swiglu"),
     dict(k=512, n=128, e=3, m=24, row_scale=True),
-    dict(k=1024, n=512, e=4, m=40, activation="swiglu", block_m=16),
-    dict(k=768, n=256, e=2, m=64, row_scale=True, block_m=64),
+    dict(k=1024, n=512, e=4, m=40, activation="swiglu", block_m=16, schedule="one"),
+    dict(k=1024, n=512, e=4, m=40, activation="swiglu", block_m=8, schedule="half", stages=3),
+    dict(k=768, n=256, e=2, m=64, row_scale=True, block_m=64, schedule="one"),
     dict(k=1024, n=1024, e=16, m=600, activation="swiglu", seed=3),
     dict(k=512, n=512, e=8, m=2048, row_scale=True, padding=0, block_m=128, seed=4),
     dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=3, layer=2, seed=5),
@@ -132,6 +162,8 @@ def test_kernel_matches_reference(case):
     k, n, e, m = c.pop("k"), c.pop("n"), c.pop("e"), c.pop("m")
     seed, layers, layer = c.pop("seed", 0), c.pop("layers", None), c.pop("layer", None)
     act, rs, bm = c.pop("activation", None), c.pop("row_scale", False), c.pop("block_m", None)
+    cfg = None if bm is None else MosaicConfig(block_m=bm, stages=c.pop("stages", 2),
+                                               schedule=c.pop("schedule", "all"))
     padding, k_order = c.pop("padding", 3), c.pop("k_order", "natural")
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
@@ -146,7 +178,7 @@ def test_kernel_matches_reference(case):
     f = pallas_kernels.to_fragments(w)
     _poison(m * n * 4)
     got = kernel_mosaic.grouped_matmul_fragments(x, f, gs, activation=act, row_scale=r,
-                                                 layer=layer, k_order=k_order, block_m=bm)
+                                                 layer=layer, k_order=k_order, config=cfg)
     assert_close(got, want, context=str(case))
     if padding:
         assert not np.asarray(got[m - padding:]).astype(np.float32).any(), "padding rows"

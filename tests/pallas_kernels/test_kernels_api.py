@@ -103,6 +103,8 @@ def test_tuned_tables_parse():
     for path in config.TUNED_DIR.glob("*.json"):
         table = config._tuned_table(path.stem)
         assert table and all(isinstance(c, config.TuningConfig) for c in table.values())
+        mosaic = config._tuned_table(path.stem, "mosaic")  # optional section
+        assert all(isinstance(c, config.MosaicConfig) for c in mosaic.values())
 
 
 def test_import_pulls_in_no_jaxwint2_or_flax():
