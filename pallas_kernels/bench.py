@@ -410,16 +410,19 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
     return table
 
 
-def _mosaic_candidates(rows: int, experts: int, activation, *, stages=(2,)):
+def _mosaic_candidates(rows: int, experts: int, ksteps: int, *, stages=(2,)):
     """Mosaic configs worth timing: the heuristic's tile height, half and double it (8..64),
     each with the schedules ``"all"`` and ``"one"`` (``"half"`` never beat ``"one"`` in the
-    session-4 sweeps, results/NOTES.md §21; each candidate costs a ~15 s compile)."""
-    del activation  # both schedules apply to both projections
+    session-4 sweeps, results/NOTES.md §21; each candidate costs a ~1 s compile); at 8-row
+    tiles also K split in 2 and 4 (more programs when few experts are active)."""
     bm0 = kernel_mosaic.block_m_for(rows, experts)
     for bm in sorted({b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}):
+        splits = [s for s in (1, 2, 4) if ksteps % s == 0] if bm == 8 else [1]
         for sched in ("all", "one"):
             for st in stages:
-                yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched)
+                for split in splits:
+                    yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched,
+                                                  split_k=split)
 
 
 def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:
@@ -437,8 +440,9 @@ def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:
                                       config_lib.rows_bucket(rows))
             insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for i in range(4)]
             op = functools.partial(_mosaic_op, activation=act)
-            name, entry = _sweep(op, insts, _mosaic_candidates(rows, s.experts, act,
-                                                               stages=stages),
+            cands = _mosaic_candidates(rows, s.experts, k // kernel_mosaic.BLOCK_K,
+                                       stages=stages)
+            name, entry = _sweep(op, insts, cands,
                                  key, f"mosaic {proj} tokens={tokens}")
             table[name] = entry
     return table

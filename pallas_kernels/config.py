@@ -86,17 +86,22 @@ class MosaicConfig:
       stages: depth of the TMA pipeline over K steps.
       schedule: how much of a K step is decoded before its wgmmas are issued (``"all"``,
         ``"half"``, ``"one"``; ``kernel_mosaic.SCHEDULES``).
+      split_k: programs sharing one output tile's K range (fp32 partial sums added, and the
+        epilogue applied, outside the kernel): more programs when the grid is small.
     """
 
     block_m: int
     stages: int = 2
     schedule: str = "all"
+    split_k: int = 1
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= 256:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
         if self.stages < 1:
             raise ValueError(f"stages={self.stages} must be >= 1")
+        if self.split_k < 1:
+            raise ValueError(f"split_k={self.split_k} must be >= 1")
         if self.schedule not in MOSAIC_SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} must be one of {MOSAIC_SCHEDULES}")
 

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import MOSAIC_SCHEDULES, MosaicConfig, tuned_mosaic_config
+from .reference import apply_epilogue
 
 BLOCK_N = 64  # output columns per warpgroup (wgmma M)
 BLOCK_K = 256  # K rows per pipeline step: 4 planes of 64 (one 128-byte swizzle row of x)
@@ -370,12 +371,15 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   block_m: int, stages: int, schedule: str):
+                   block_m: int, stages: int, schedule: str, split_k: int = 1):
     """Run the Mosaic kernel on plane-permuted ``x [M, K]`` (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, block, lo, hi)`` int32 ``[T]`` (``kernels.tile_table``, ``block_m`` rows).
     ``qwf [G, N/64, K/256, 16, 256]`` / ``wsf [G, N/64, K/256, 128]``: :func:`fragment_weights`,
     :func:`fragment_scales`; ``ss, cs, zp`` fp32 ``[G, N]``. Tiles of group ``>= G``: padding.
+    ``split_k > 1``: programs ``s`` of a third grid axis take K steps ``[s, s + 1) * K/256/split_k``
+    and store their super-scaled fp32 partial sums ``[split_k, M, N]`` (no epilogue: the caller
+    adds them and applies it).
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -393,6 +397,10 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise NotImplementedError(f"block_m={block_m} must be a multiple of 8, at most 256")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
+    if split_k < 1 or ksteps % split_k:
+        raise NotImplementedError(f"K/256 = {ksteps} K steps must divide into split_k={split_k}")
+    split = split_k > 1
+    ksteps_s = ksteps // split_k
     grp, blk, lo_t, hi_t = tiles
     row0_t = blk * block_m
     num_tiles = grp.shape[0]
@@ -424,7 +432,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             return _plane(pairs, nib2, k2, shift)
         return cut
 
-    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref):
+    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, act=swiglu):
         na, ns, nr = len(accs), len(ss_refs), rs_ref is not None
         arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 4 + nr)
 
@@ -432,7 +440,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         def _store(_, *args):
             accs, ss_r, (o_r, lo_r, hi_r, r0_r, *rs_r) = args[:na], args[na:na + ns], args[na + ns:]
             _store_tile(accs, ss_r, rs_r[0] if rs_r else None, o_r, lo_r, hi_r, r0_r,
-                        bm=block_m, swiglu=swiglu)
+                        bm=block_m, swiglu=act)
 
         _store(*accs, *ss_refs, out_ref, lo_ref, hi_ref, row0_ref, *([rs_ref] if nr else []))
 
@@ -442,11 +450,25 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         out_ref = rest[-1]
         jn = jax.lax.axis_index("n")
         t = jax.lax.axis_index("t")
+        k0 = jax.lax.axis_index("s") * ksteps_s if split else 0
         g, b = grp_ref[t], blk_ref[t]
         lo, hi = lo_ref[t], hi_ref[t]
         tile = pl.ds(t, 1)
         nbs = [jn + h * out_blocks for h in range(halves)]
-        out_cols = out_ref.at[:, pl.ds(jn * BLOCK_N, BLOCK_N)]
+        if split:  # each half's partial sums to its own columns of out[s]
+            s_out = out_ref.at[jax.lax.axis_index("s")]
+            half_cols = [s_out.at[:, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
+        else:
+            out_cols = out_ref.at[:, pl.ds(jn * BLOCK_N, BLOCK_N)]
+
+        def store_tile(vals, ss_refs):
+            if split:
+                for h, cols in enumerate(half_cols):
+                    store(vals[h:h + 1], ss_refs[h:h + 1], None, cols, lo_ref.at[tile],
+                          hi_ref.at[tile], row0_ref.at[tile], act=False)
+            else:
+                store(vals, ss_refs, rs_ref, out_cols, lo_ref.at[tile], hi_ref.at[tile],
+                      row0_ref.at[tile])
 
         @pl.when((hi > lo) & (g < num_groups))
         def _compute():
@@ -473,32 +495,34 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                     plgpu.wgmma_wait(0)
 
                 x_spec = plgpu.BlockSpec(
-                    (block_m, BLOCK_K), lambda kk: (b, kk),
+                    (block_m, BLOCK_K), lambda kk: (b, k0 + kk),
                     transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
                 w_specs = []
                 for nb in nbs:
                     w_specs += [
-                        plgpu.BlockSpec((1, 1, 1, 16, 256), lambda kk, nb=nb: (g, nb, kk, 0, 0)),
-                        plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, kk, 0)),
+                        plgpu.BlockSpec((1, 1, 1, 16, 256),
+                                        lambda kk, nb=nb: (g, nb, k0 + kk, 0, 0)),
+                        plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, k0 + kk, 0)),
                     ]
-                plgpu.emit_pipeline(step, grid=(ksteps,), in_specs=[x_spec, *w_specs],
+                plgpu.emit_pipeline(step, grid=(ksteps_s,), in_specs=[x_spec, *w_specs],
                                     max_concurrent_steps=stages)(
                     x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
-                vals = [acc[...] for acc in accs]
-                store(vals, [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs], rs_ref,
-                      out_cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile])
+                store_tile([acc[...] for acc in accs],
+                           [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs])
 
             pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * halves)
 
         @pl.when((hi > lo) & (g >= num_groups))
         def _padding():
-            store([], [], None, out_cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile])
+            store_tile([], [])  # zeros (every half, under split_k)
 
+    out_type = (jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split
+                else jax.ShapeDtypeStruct((m, n_out), out_dtype))
     kernel = plgpu.kernel(
         wint2_fragments_matmul,
-        out_type=jax.ShapeDtypeStruct((m, n_out), out_dtype),
-        grid=(out_blocks, num_tiles),
-        grid_names=("n", "t"),
+        out_type=out_type,
+        grid=(out_blocks, num_tiles, split_k) if split else (out_blocks, num_tiles),
+        grid_names=("n", "t", "s") if split else ("n", "t"),
         compiler_params=plgpu.CompilerParams(),
     )
     args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
@@ -668,8 +692,10 @@ def block_m_for(m: int, groups: int) -> int:
 
 
 def heuristic_config(m: int, groups: int, activation=None) -> MosaicConfig:
-    """The measured rules (:func:`block_m_for`, :func:`schedule_for`, 2 stages) for shapes the
-    device's tuned table does not hold."""
+    """The measured rules (:func:`block_m_for`, :func:`schedule_for`, 2 stages, no K split) for
+    shapes the device's tuned table does not hold. A K split is left to the table: it won only
+    for the 300B up_gate at one token (split 4: 109 -> 101 µs, H100), and lost for the 21B
+    (fewest programs) under the "one" schedule (34 -> 51 µs), ``results/NOTES.md`` §25."""
     bm = block_m_for(m, groups)
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(bm, activation))
 
@@ -722,5 +748,7 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, (grp, *rest), rs, activation=activation,
                          out_dtype=out_dtype or x.dtype, block_m=bm, stages=cfg.stages,
-                         schedule=cfg.schedule)
+                         schedule=cfg.schedule, split_k=cfg.split_k)
+    if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
+        out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype or x.dtype)
     return out[:m]

@@ -106,10 +106,11 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
     try:
         got = [kernel_mosaic.config_for(m, 8192, 3584, 64, "swiglu") for m in (8, 16, 64, 512)]
         assert got[0] == got[1] == MosaicConfig(block_m=16, stages=3, schedule="one")
-        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu")  # 8x from both
+        # 8x from both entries / another activation: the heuristic
+        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu")
         assert got[3] == MosaicConfig(block_m=32, stages=2, schedule="all")
         assert kernel_mosaic.config_for(8, 8192, 3584, 64, None) == \
-            kernel_mosaic.heuristic_config(8, 64, None)  # other activation: not tuned
+            kernel_mosaic.heuristic_config(8, 64, None)
     finally:
         config._tuned_table.cache_clear()
     with pytest.raises(ValueError, match="block_m=12"):
@@ -150,6 +151,10 @@ GPU_CASES = [
     dict(k=512, n=512, e=8, m=2048, row_scale=True, padding=0, block_m=128, seed=4),
     dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=3, layer=2, seed=5),
     dict(k=512, n=256, e=3, m=24, row_scale=True, k_order="shuffled", seed=6),
+    dict(k=512, n=256, e=3, m=16, activation="swiglu", block_m=8, split_k=2, seed=7),
+    dict(k=768, n=128, e=3, m=24, row_scale=True, block_m=8, split_k=3, seed=8),
+    dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=2, layer=1, block_m=16,
+         schedule="one", split_k=2, seed=9),
 ]
 
 
@@ -163,7 +168,8 @@ def test_kernel_matches_reference(case):
     seed, layers, layer = c.pop("seed", 0), c.pop("layers", None), c.pop("layer", None)
     act, rs, bm = c.pop("activation", None), c.pop("row_scale", False), c.pop("block_m", None)
     cfg = None if bm is None else MosaicConfig(block_m=bm, stages=c.pop("stages", 2),
-                                               schedule=c.pop("schedule", "all"))
+                                               schedule=c.pop("schedule", "all"),
+                                               split_k=c.pop("split_k", 1))
     padding, k_order = c.pop("padding", 3), c.pop("k_order", "natural")
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
