@@ -88,12 +88,15 @@ class MosaicConfig:
         ``"half"``, ``"one"``; ``kernel_mosaic.SCHEDULES``).
       split_k: programs sharing one output tile's K range (fp32 partial sums added, and the
         epilogue applied, outside the kernel): more programs when the grid is small.
+      col_blocks: 64-column output blocks per program, sharing its x tile (less L2 traffic for
+        x at many rows; one more accumulator set each).
     """
 
     block_m: int
     stages: int = 2
     schedule: str = "all"
     split_k: int = 1
+    col_blocks: int = 1
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= 256:
@@ -102,6 +105,8 @@ class MosaicConfig:
             raise ValueError(f"stages={self.stages} must be >= 1")
         if self.split_k < 1:
             raise ValueError(f"split_k={self.split_k} must be >= 1")
+        if self.col_blocks not in (1, 2, 4):
+            raise ValueError(f"col_blocks={self.col_blocks} must be 1, 2 or 4")
         if self.schedule not in MOSAIC_SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} must be one of {MOSAIC_SCHEDULES}")
 

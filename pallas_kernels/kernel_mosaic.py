@@ -37,13 +37,16 @@ rounding of the exact ``q * nib``, like the reference's one rounding of ``q * ni
 accumulator. So the wgmma accumulates the whole K range with no per-group partial sums.
 
 Tiles, routing and the epilogue are the Triton kernel's (``kernels.tile_table``): program
-``(j, t)`` (one warpgroup) computes 64 output columns (and their 64 up-projection partners under
-SwiGLU) for the bm-row block of tile t, and stores the rows ``[lo, hi)`` of its group with
-per-element masked stores (tiles of different experts share row blocks). The K loop is
-``emit_pipeline`` (TMA into shared memory, 2 stages: x tile, byte chunk, scale chunk). Its
-schedule (``SCHEDULES``, :func:`schedule_for`): decode all 4 planes of a step, issue their
-wgmmas, wait; or cut planes one at a time with one wgmma in flight (128 instead of 197
-registers for the SwiGLU projection: 4 resident warpgroups an SM instead of 2).
+``(j, t)`` (one warpgroup) computes ``64 * col_blocks`` output columns (and their up-projection
+partners under SwiGLU) for the bm-row block of tile t, one fp32 accumulator per 64 columns, all
+fed by the same x tile, and stores the rows ``[lo, hi)`` of its group with per-element masked
+stores (tiles of different experts share row blocks). The K loop is ``emit_pipeline`` (TMA into
+shared memory, 2 stages: x tile, byte chunks, scale chunks). Its schedule (``SCHEDULES``): decode
+all 4 planes of a step, issue their wgmmas, wait; or cut planes one at a time with one wgmma in
+flight (128 instead of 197 registers for the SwiGLU projection: 4 resident warpgroups an SM
+instead of 2). A K split (a third grid axis) stores fp32 partial sums for the caller to add.
+Tile rows, stages, schedule, split and column blocks come from the device's tuned table
+(``config.MosaicConfig``, ``tuned/<device>.json`` section ``mosaic``) or :func:`heuristic_config`.
 
 **Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22): the same
 decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the 1-token
@@ -371,7 +374,8 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   block_m: int, stages: int, schedule: str, split_k: int = 1):
+                   block_m: int, stages: int, schedule: str, split_k: int = 1,
+                   col_blocks: int = 1):
     """Run the Mosaic kernel on plane-permuted ``x [M, K]`` (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, block, lo, hi)`` int32 ``[T]`` (``kernels.tile_table``, ``block_m`` rows).
@@ -379,7 +383,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     :func:`fragment_scales`; ``ss, cs, zp`` fp32 ``[G, N]``. Tiles of group ``>= G``: padding.
     ``split_k > 1``: programs ``s`` of a third grid axis take K steps ``[s, s + 1) * K/256/split_k``
     and store their super-scaled fp32 partial sums ``[split_k, M, N]`` (no epilogue: the caller
-    adds them and applies it).
+    adds them and applies it). ``col_blocks``: 64-column output blocks per program (each with its
+    own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
+    col_blocks`` columns instead of once per 64.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -401,6 +407,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise NotImplementedError(f"K/256 = {ksteps} K steps must divide into split_k={split_k}")
     split = split_k > 1
     ksteps_s = ksteps // split_k
+    if col_blocks < 1 or (n_out // BLOCK_N) % col_blocks:
+        raise NotImplementedError(f"N_out/64 = {n_out // BLOCK_N} column blocks must divide into "
+                                  f"col_blocks={col_blocks}")
     grp, blk, lo_t, hi_t = tiles
     row0_t = blk * block_m
     num_tiles = grp.shape[0]
@@ -454,21 +463,22 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         g, b = grp_ref[t], blk_ref[t]
         lo, hi = lo_ref[t], hi_ref[t]
         tile = pl.ds(t, 1)
-        nbs = [jn + h * out_blocks for h in range(halves)]
-        if split:  # each half's partial sums to its own columns of out[s]
+        obs = [col_blocks * jn + i for i in range(col_blocks)]  # the program's output blocks
+        nbs = [ob + h * out_blocks for ob in obs for h in range(halves)]  # weight blocks / accs
+        if split:  # each accumulator's partial sums to its own columns of out[s]
             s_out = out_ref.at[jax.lax.axis_index("s")]
-            half_cols = [s_out.at[:, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
-        else:
-            out_cols = out_ref.at[:, pl.ds(jn * BLOCK_N, BLOCK_N)]
+            targets = [(s_out.at[:, pl.ds(nb * BLOCK_N, BLOCK_N)], [i])
+                       for i, nb in enumerate(nbs)]
+        else:  # (gate, up) or the one accumulator of each output block
+            targets = [(out_ref.at[:, pl.ds(ob * BLOCK_N, BLOCK_N)],
+                        list(range(j * halves, (j + 1) * halves))) for j, ob in enumerate(obs)]
 
-        def store_tile(vals, ss_refs):
-            if split:
-                for h, cols in enumerate(half_cols):
-                    store(vals[h:h + 1], ss_refs[h:h + 1], None, cols, lo_ref.at[tile],
-                          hi_ref.at[tile], row0_ref.at[tile], act=False)
-            else:
-                store(vals, ss_refs, rs_ref, out_cols, lo_ref.at[tile], hi_ref.at[tile],
-                      row0_ref.at[tile])
+        def store_tile(vals, ss_refs):  # vals == []: a padding tile, zeros
+            for cols, idx in targets:
+                store([vals[i] for i in idx] if vals else [],
+                      [ss_refs[i] for i in idx] if vals else [], None if split else rs_ref,
+                      cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile],
+                      act=swiglu and not split)
 
         @pl.when((hi > lo) & (g < num_groups))
         def _compute():
@@ -510,18 +520,18 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                 store_tile([acc[...] for acc in accs],
                            [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs])
 
-            pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * halves)
+            pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
 
         @pl.when((hi > lo) & (g >= num_groups))
         def _padding():
-            store_tile([], [])  # zeros (every half, under split_k)
+            store_tile([], [])
 
     out_type = (jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split
                 else jax.ShapeDtypeStruct((m, n_out), out_dtype))
     kernel = plgpu.kernel(
         wint2_fragments_matmul,
         out_type=out_type,
-        grid=(out_blocks, num_tiles, split_k) if split else (out_blocks, num_tiles),
+        grid=(out_blocks // col_blocks, num_tiles, *((split_k,) if split else ())),
         grid_names=("n", "t", "s") if split else ("n", "t"),
         compiler_params=plgpu.CompilerParams(),
     )
@@ -691,20 +701,26 @@ def block_m_for(m: int, groups: int) -> int:
     return min(64, max(8, 1 << (want - 1).bit_length()))
 
 
-def heuristic_config(m: int, groups: int, activation=None) -> MosaicConfig:
-    """The measured rules (:func:`block_m_for`, :func:`schedule_for`, 2 stages, no K split) for
-    shapes the device's tuned table does not hold. A K split is left to the table: it won only
-    for the 300B up_gate at one token (split 4: 109 -> 101 µs, H100), and lost for the 21B
-    (fewest programs) under the "one" schedule (34 -> 51 µs), ``results/NOTES.md`` §25."""
+def heuristic_config(m: int, groups: int, activation=None, *,
+                     n_out: int | None = None) -> MosaicConfig:
+    """The measured rules for shapes the device's tuned table does not hold (H100 sweeps,
+    ``results/NOTES.md`` §25-30): :func:`block_m_for`, :func:`schedule_for`, 2 stages; two
+    64-column blocks a program (sharing the x tile) from 64 rows an expert, if ``n_out`` (the
+    output columns) divides (300B at 1024 tokens: down 2836 -> 1892 µs, up_gate 3494 -> 3312);
+    no K split (it won only for the 300B up_gate at one token: split 4, 109 -> 101 µs, and lost
+    for the 21B under "one", 34 -> 51 µs; the table holds it where it wins)."""
     bm = block_m_for(m, groups)
-    return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(bm, activation))
+    per = -(-m // max(1, min(groups, m)))
+    wide = per >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
+    return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(bm, activation),
+                        col_blocks=2 if wide else 1)
 
 
 def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:
     """The tuned config of this call's shape on this device (``tuned/<device>.json``, section
     ``mosaic``, nearest row bucket), else :func:`heuristic_config`."""
     return (tuned_mosaic_config(m, k, n_out, activation=activation, num_groups=groups)
-            or heuristic_config(m, groups, activation))
+            or heuristic_config(m, groups, activation, n_out=n_out))
 
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
@@ -748,7 +764,8 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, (grp, *rest), rs, activation=activation,
                          out_dtype=out_dtype or x.dtype, block_m=bm, stages=cfg.stages,
-                         schedule=cfg.schedule, split_k=cfg.split_k)
+                         schedule=cfg.schedule, split_k=cfg.split_k,
+                         col_blocks=cfg.col_blocks)
     if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype or x.dtype)
     return out[:m]

@@ -107,12 +107,16 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         got = [kernel_mosaic.config_for(m, 8192, 3584, 64, "swiglu") for m in (8, 16, 64, 512)]
         assert got[0] == got[1] == MosaicConfig(block_m=16, stages=3, schedule="one")
         # 8x from both entries / another activation: the heuristic
-        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu")
+        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu", n_out=3584)
         assert got[3] == MosaicConfig(block_m=32, stages=2, schedule="all")
         assert kernel_mosaic.config_for(8, 8192, 3584, 64, None) == \
-            kernel_mosaic.heuristic_config(8, 64, None)
+            kernel_mosaic.heuristic_config(8, 64, None, n_out=3584)
     finally:
         config._tuned_table.cache_clear()
+    wide = kernel_mosaic.heuristic_config(8192, 64, None, n_out=8192)  # 128 rows an expert
+    assert wide.block_m == 64 and wide.col_blocks == 2
+    assert kernel_mosaic.heuristic_config(8192, 64, None, n_out=192).col_blocks == 1  # 3 blocks
+    assert kernel_mosaic.heuristic_config(2048, 64, None, n_out=8192).col_blocks == 1
     with pytest.raises(ValueError, match="block_m=12"):
         MosaicConfig(block_m=12)
     with pytest.raises(ValueError, match="schedule='some'"):
@@ -155,6 +159,11 @@ GPU_CASES = [
     dict(k=768, n=128, e=3, m=24, row_scale=True, block_m=8, split_k=3, seed=8),
     dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=2, layer=1, block_m=16,
          schedule="one", split_k=2, seed=9),
+    dict(k=512, n=512, e=3, m=40, activation="swiglu", block_m=16, schedule="one", col_blocks=2,
+         seed=10),
+    dict(k=768, n=256, e=3, m=24, row_scale=True, block_m=8, col_blocks=4, seed=11),
+    dict(k=512, n=512, e=4, m=40, activation="swiglu", row_scale=True, layers=2, layer=1,
+         block_m=8, split_k=2, col_blocks=2, seed=12),
 ]
 
 
@@ -169,7 +178,8 @@ def test_kernel_matches_reference(case):
     act, rs, bm = c.pop("activation", None), c.pop("row_scale", False), c.pop("block_m", None)
     cfg = None if bm is None else MosaicConfig(block_m=bm, stages=c.pop("stages", 2),
                                                schedule=c.pop("schedule", "all"),
-                                               split_k=c.pop("split_k", 1))
+                                               split_k=c.pop("split_k", 1),
+                                               col_blocks=c.pop("col_blocks", 1))
     padding, k_order = c.pop("padding", 3), c.pop("k_order", "natural")
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
