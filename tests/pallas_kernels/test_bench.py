@@ -1,0 +1,52 @@
+"""``pallas_kernels.bench``'s protocol pieces that run anywhere: the timer, the Mosaic sweep's
+candidates, and the tuned-table writer (the timings themselves need the GPU machine)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import bench, config, kernel_mosaic
+
+
+def test_time_instances_traces_the_op_once_and_reports_per_instance_seconds():
+    traces = []
+
+    def fn(x):
+        traces.append(x.shape)  # runs at trace time only
+        return jnp.tanh(x) @ x.T
+
+    insts = [(jax.random.normal(jax.random.key(i), (64, 64)),) for i in range(3)]
+    sec = bench.time_instances(fn, insts, reps=2, min_seconds=0.001)
+    assert traces == [(64, 64)], "one trace for every instance (nested jit): one compile"
+    assert 0 < sec < 1.0
+
+
+def test_mosaic_candidates_follow_the_shape():
+    one_token = list(bench._mosaic_candidates(8, 64, 32, "swiglu"))  # 300B up_gate, 1 token
+    assert {c.block_m for c in one_token} == {8, 16}
+    assert {c.split_k for c in one_token if c.block_m == 8} == {1, 2, 4}
+    assert all(c.split_k == 1 for c in one_token if c.block_m == 16)
+    odd_k = list(bench._mosaic_candidates(6, 64, 5, None))  # 5 K steps: no split divides but 1
+    assert {c.split_k for c in odd_k} == {1}
+    many = list(bench._mosaic_candidates(8192, 64, 14, None))  # 300B down, 1024 tokens
+    assert {c.block_m for c in many} == {32, 64} and {c.col_blocks for c in many} == {1, 2, 4}
+    swiglu = list(bench._mosaic_candidates(8192, 64, 32, "swiglu"))
+    assert {c.col_blocks for c in swiglu} == {1, 2}  # 8 accumulators would not fit
+    assert kernel_mosaic.heuristic_config(8192, 64, "swiglu", n_out=3584) in swiglu
+
+
+def test_write_tuned_keeps_the_other_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "TUNED_DIR", tmp_path)
+    path = tmp_path / f"{config.device_key()}.json"
+    path.write_text(json.dumps({"configs": {"k1": {"config": {}}}, "meta": {"command": "old"}}))
+    entry = {"config": config.MosaicConfig(block_m=16, col_blocks=2).to_dict(), "us": 1.0}
+    try:
+        bench._write_tuned({"wint2|none|64|256|128|8": entry}, {"command": "new"}, "mosaic")
+        raw = json.loads(path.read_text())
+        assert raw["configs"] == {"k1": {"config": {}}} and raw["meta"] == {"command": "old"}
+        assert raw["mosaic_meta"] == {"command": "new"}
+        assert config._tuned_table(config.device_key(), "mosaic") == {
+            "wint2|none|64|256|128|8": config.MosaicConfig(block_m=16, col_blocks=2)}
+    finally:
+        config._tuned_table.cache_clear()
