@@ -54,8 +54,9 @@ decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions f
 kernel at 1-1024 tokens; end to end the 300B decodes 42.8 -> 55.9 tok/s at batch 1 and 748 -> 867
 at batch 64 (H200). Limits: bf16 x, ``K % 256 == 0``, ``N % 64 == 0`` (per shard under tensor
 parallelism, where each shard's bytes are re-ordered on their own), a Hopper GPU. There is no CPU
-interpreter for it (Mosaic GPU's is private and hangs on jax 0.10): CI checks the byte order and
-the reference path on the CPU, the kernel itself is tested on the GPU
+interpreter for it (Mosaic GPU's is private and hangs on jax 0.10): CI checks the byte order,
+the reference path, and that every configuration the GPU tests run lowers for CUDA (Mosaic GPU's
+layout and shape checks run on a CPU); the kernel itself is tested on the GPU
 (``tests/pallas_kernels/test_kernel_mosaic.py``).
 """
 

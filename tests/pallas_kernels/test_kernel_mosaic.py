@@ -9,6 +9,7 @@ a one-hot x.
 """
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -167,20 +168,56 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in
-                                                                   c.items()))
-def test_kernel_matches_reference(case):
+def _parse(case: dict) -> types.SimpleNamespace:
     c = dict(case)
-    k, n, e, m = c.pop("k"), c.pop("n"), c.pop("e"), c.pop("m")
-    seed, layers, layer = c.pop("seed", 0), c.pop("layers", None), c.pop("layer", None)
-    act, rs, bm = c.pop("activation", None), c.pop("row_scale", False), c.pop("block_m", None)
+    bm = c.pop("block_m", None)
     cfg = None if bm is None else MosaicConfig(block_m=bm, stages=c.pop("stages", 2),
                                                schedule=c.pop("schedule", "all"),
                                                split_k=c.pop("split_k", 1),
                                                col_blocks=c.pop("col_blocks", 1))
-    padding, k_order = c.pop("padding", 3), c.pop("k_order", "natural")
+    out = types.SimpleNamespace(
+        k=c.pop("k"), n=c.pop("n"), e=c.pop("e"), m=c.pop("m"), seed=c.pop("seed", 0),
+        layers=c.pop("layers", None), layer=c.pop("layer", None),
+        act=c.pop("activation", None), rs=c.pop("row_scale", False), cfg=cfg,
+        padding=c.pop("padding", 3), k_order=c.pop("k_order", "natural"))
+    assert not c, f"unknown case fields {c}"
+    return out
+
+
+_CASE_IDS = lambda c: "-".join(f"{k}={v}" for k, v in c.items())  # noqa: E731
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=_CASE_IDS)
+def test_kernel_lowers_for_cuda_on_any_host(case, monkeypatch):
+    """Mosaic GPU's own lowering (wgmma register layouts, TMA tiling and swizzle, shared-memory
+    allocation) runs on a CPU: every GPU case's kernel lowers for CUDA here, in CI, so a layout
+    or API mistake fails before a GPU ever sees it (only ptxas and the run need the GPU)."""
+    c = _parse(case)
+    monkeypatch.setattr(kernel_mosaic, "available", lambda: True)
+    lead = (c.layers, c.e) if c.layers else (c.e,)
+    sd = jax.ShapeDtypeStruct
+    w = {"quant_weight": sd((*lead, c.k // 4, c.n), jnp.uint8),
+         "weight_scale": sd((*lead, c.k // 128, c.n), jnp.uint8),
+         **{f: sd((*lead, c.n), jnp.float32) for f in ("super_scales", "code_scale", "code_zp")}}
+
+    def f(x, w, gs, r):
+        return kernel_mosaic.grouped_matmul_fragments(
+            x, w, gs, activation=c.act, row_scale=r, layer=c.layer, k_order=c.k_order,
+            config=c.cfg)
+
+    args = (sd((c.m, c.k), jnp.bfloat16), w, sd((c.e,), jnp.int32),
+            sd((c.m,), jnp.float32) if c.rs else None)
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("case", GPU_CASES, ids=_CASE_IDS)
+def test_kernel_matches_reference(case):
+    c = _parse(case)
+    k, n, e, m, seed, layers, layer = c.k, c.n, c.e, c.m, c.seed, c.layers, c.layer
+    act, rs, cfg, padding, k_order = c.act, c.rs, c.cfg, c.padding, c.k_order
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     w = _rand_linear(k, n, e, seed, layers)
