@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 
 from . import reference
+from .kernel_mosaic import from_fragments, grouped_matmul_fragments
 from .reference import Activation, Fmt
 
 Implementation = str | None
@@ -98,8 +99,6 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
     def ref():
         rows = _layer_of(w, layer)
         if byte_order == "fragments":
-            from .kernel_mosaic import from_fragments
-
             rows = from_fragments(rows)
         return reference.quant_grouped_matmul_reference(x, rows, group_sizes, **kw)
 
@@ -107,8 +106,6 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
         return ref()
     try:
         if byte_order == "fragments":  # the Mosaic GPU kernel (Hopper only)
-            from .kernel_mosaic import grouped_matmul_fragments
-
             return grouped_matmul_fragments(x, w, group_sizes, layer=layer, k_order=k_order,
                                             activation=activation, row_scale=row_scale,
                                             out_dtype=out_dtype)

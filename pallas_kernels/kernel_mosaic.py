@@ -688,6 +688,11 @@ def schedule_for(block_m: int, activation) -> str:
     return "one" if activation == "swiglu" else "all"
 
 
+def _rows_per_expert(m: int, groups: int) -> int:
+    """Mean rows of an active expert when ``m`` rows spread over ``groups`` experts."""
+    return -(-m // max(1, min(groups, m)))
+
+
 def block_m_for(m: int, groups: int) -> int:
     """Rows per tile (wgmma N): 1.5x the mean rows of an active expert, a power of two in 8..64.
 
@@ -697,7 +702,7 @@ def block_m_for(m: int, groups: int) -> int:
     128-column fp32 accumulator per SwiGLU half costs the occupancy). ``results/NOTES.md``
     §20, §23, §25.
     """
-    per = -(-m // max(1, min(groups, m)))
+    per = _rows_per_expert(m, groups)
     want = per + per // 2
     return min(64, max(8, 1 << (want - 1).bit_length()))
 
@@ -711,8 +716,7 @@ def heuristic_config(m: int, groups: int, activation=None, *,
     no K split (it won only for the 300B up_gate at one token: split 4, 109 -> 101 µs, and lost
     for the 21B under "one", 34 -> 51 µs; the table holds it where it wins)."""
     bm = block_m_for(m, groups)
-    per = -(-m // max(1, min(groups, m)))
-    wide = per >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
+    wide = _rows_per_expert(m, groups) >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(bm, activation),
                         col_blocks=2 if wide else 1)
 
@@ -735,7 +739,7 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
     Hopper GPU).
     """
-    from .kernels import _permute_columns, tile_table
+    from .kernels import _permute_columns, _weights, tile_table
 
     qw = w["quant_weight"]
     if not available():
@@ -747,23 +751,20 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     _check_dims(k, n)
     if 4 * qw.shape[-2] != k:
         raise ValueError(f"x has K={k}, the weights {4 * qw.shape[-2]}")
-    stacked = layer is not None
     e = qw.shape[-3]
-    lead = qw.shape[0] * e if stacked else e
-    fold = lambda a, *tail: a.reshape(lead, *tail)  # noqa: E731  free: contiguous leading axes
-    qwf = fold(qw, n // BLOCK_N, k // BLOCK_K, 16, 256)
-    wsf = fold(w["weight_scale"], n // BLOCK_N, k // BLOCK_K, 128)
-    ss, cs, zp = (fold(w[f], n).astype(jnp.float32)
-                  for f in ("super_scales", "code_scale", "code_zp"))
+    num_layers = qw.shape[0] if layer is not None else 1
+    # [L, E, ...] -> [L*E, ...] (free reshapes), the byte chunks split into their fragment blocks
+    qw, ws, ss, cs, zp = _weights(w, "wint2", True, layer is not None)
+    ss, cs, zp = (a.astype(jnp.float32) for a in (ss, cs, zp))  # f32 in the runtime layout
+    qwf = qw.reshape(-1, n // BLOCK_N, k // BLOCK_K, 16, 256)
+    wsf = ws.reshape(-1, n // BLOCK_N, k // BLOCK_K, 128)
     cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
     bm = cfg.block_m
     mp = -(-m // bm) * bm
     xp = jnp.pad(_permute_columns(x, k, BLOCK_K, 4, k_order), ((0, mp - m), (0, 0)))
-    grp, *rest = tile_table(group_sizes, m, bm)
-    if stacked:  # group g of layer l is folded group l*E + g; padding tiles point past the end
-        grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, lead)
+    tiles = tile_table(group_sizes, m, bm, layer=layer, num_layers=num_layers)
     rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
-    out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, (grp, *rest), rs, activation=activation,
+    out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, tiles, rs, activation=activation,
                          out_dtype=out_dtype or x.dtype, block_m=bm, stages=cfg.stages,
                          schedule=cfg.schedule, split_k=cfg.split_k,
                          col_blocks=cfg.col_blocks)

@@ -57,8 +57,8 @@ layout, the x fragment re-packed for every 8-column MMA; ncu + SASS in ``results
 That Mosaic GPU kernel now exists for WINT2 experts on Hopper (``kernel_mosaic.py``: weights
 as wgmma's register operand from a fragment byte order, x as the shared operand; 1.2-2.1x this
 kernel on the 300B expert FFN) and the model uses it there (``byte_order="fragments"``). This
-kernel keeps every other case: WINT4 / WINT8 / bf16, dense WINT2, WINT2 experts under tensor
-parallelism or off Hopper, and CPU interpret mode (CI). At >= 256 tokens the Triton MMA path
+kernel keeps every other case: WINT4 / WINT8 / bf16, dense WINT2, WINT2 experts off Hopper, and
+CPU interpret mode (CI). At >= 256 tokens the Triton MMA path
 reaches 11-30 % of the bf16 matmul peak.
 """
 

@@ -71,9 +71,14 @@ def _permute_columns(x: jax.Array, k: int, bk: int, planes: int, k_order: str) -
     return jnp.take(x, jnp.asarray(_column_order(k, bk, planes, k_order)), axis=1)
 
 
-def tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]:
+def tile_table(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
+               num_layers: int = 1) -> tuple[jax.Array, ...]:
     """Traced ``(group, block, lo, hi)`` int32 ``[ceil(M/bm) + min(E, M)]`` for rows sorted by
     group.
+
+    With ``layer`` (of ``num_layers`` stacked layers whose experts are folded into one group
+    axis, ``kernels._weights``) group ``g`` becomes ``layer * E + g`` and padding tiles point
+    past the last layer's groups.
 
     Tile t covers rows ``[lo, hi)`` of group ``group`` inside the aligned row block ``block``
     (rows ``block*bm .. block*bm + bm``). Rows past ``sum(group_sizes)`` form group ``E``
@@ -101,8 +106,10 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int) -> tuple[jax.Array, ...]
     lo = jnp.maximum(starts[grp], blk * bm)
     hi = jnp.minimum(ends[grp], blk * bm + bm)
     zero = jnp.zeros_like(t)
-    return (jnp.where(valid, grp, zero), jnp.where(valid, blk, zero), jnp.where(valid, lo, zero),
-            jnp.where(valid, hi, zero))
+    grp = jnp.where(valid, grp, zero)
+    if layer is not None:
+        grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, num_layers * e)
+    return grp, jnp.where(valid, blk, zero), jnp.where(valid, lo, zero), jnp.where(valid, hi, zero)
 
 
 def pl_cdiv(a: int, b: int) -> int:
@@ -150,11 +157,7 @@ def _run(x, w, group_sizes, *, interpret, fmt, k_order="natural", activation=Non
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     planes = 1 if cfg.mode == "mma_merged" else CODECS[fmt].planes  # x order the kernel reads
     xp = _permute_columns(x, k, cfg.block_k, planes, k_order)
-    tiles = tile_table(group_sizes, m, cfg.block_m)
-    if stacked:  # group g of layer l is folded group l*E + g; padding rows stay past the end
-        grp, *rest = tiles
-        layer = jnp.asarray(layer, jnp.int32)
-        tiles = (jnp.where(grp < e, grp + layer * e, num_layers * e), *rest)
+    tiles = tile_table(group_sizes, m, cfg.block_m, layer=layer, num_layers=num_layers)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     operands = _weights(w, fmt, grouped, stacked)
     if not interpret and not LARGE_REFS_OK:
