@@ -36,11 +36,13 @@ rounding of the exact ``q * nib``, like the reference's one rounding of ``q * ni
 (identical when ``|q * nib| <= 256``); the per-column ``super_scale`` multiplies the fp32
 accumulator. So the wgmma accumulates the whole K range with no per-group partial sums.
 
-Tiles, routing and the epilogue are the Triton kernel's (``kernels.tile_table``): program
-``(j, t)`` (one warpgroup) computes ``64 * col_blocks`` output columns (and their up-projection
-partners under SwiGLU) for the bm-row block of tile t, one fp32 accumulator per 64 columns, all
-fed by the same x tile, and stores the rows ``[lo, hi)`` of its group with per-element masked
-stores (tiles of different experts share row blocks). The K loop is ``emit_pipeline`` (TMA into
+Tiles start at their expert's first row (``kernels.expert_tiles``: x's rows are gathered so
+that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows costs one tile,
+i.e. one decode of its weights, where the Triton kernel's fixed row blocks cost two for every
+expert that straddles a block boundary). Program ``(t, j)`` (one warpgroup) computes ``64 *
+col_blocks`` output columns (and their up-projection partners under SwiGLU) for x block t,
+one fp32 accumulator per 64 columns, all fed by the same x tile, and stores the rows ``[lo,
+hi)`` of its expert with per-element masked stores. The K loop is ``emit_pipeline`` (TMA into
 shared memory, 2 stages: x tile, byte chunks, scale chunks). Its schedule (``SCHEDULES``): decode
 all 4 planes of a step, issue their wgmmas, wait; or cut planes one at a time with one wgmma in
 flight (128 instead of 197 registers for the SwiGLU projection: 4 resident warpgroups an SM
@@ -376,14 +378,16 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
                    block_m: int, stages: int, schedule: str, split_k: int = 1,
-                   col_blocks: int = 1):
-    """Run the Mosaic kernel on plane-permuted ``x [M, K]`` (``bk = 256``) and fragment weights.
+                   col_blocks: int = 1, m_out: int | None = None):
+    """Run the Mosaic kernel on plane-permuted x (``bk = 256``) and fragment weights.
 
-    ``tiles``: ``(group, block, lo, hi)`` int32 ``[T]`` (``kernels.tile_table``, ``block_m`` rows).
+    ``tiles``: ``(group, block, lo, hi, row0)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t
+    reads the ``block_m`` rows of x block ``block`` and writes output rows ``[lo, hi)``, the
+    first of them ``row0``. ``m_out``: the output's rows (default: x's).
     ``qwf [G, N/64, K/256, 16, 256]`` / ``wsf [G, N/64, K/256, 128]``: :func:`fragment_weights`,
     :func:`fragment_scales`; ``ss, cs, zp`` fp32 ``[G, N]``. Tiles of group ``>= G``: padding.
     ``split_k > 1``: programs ``s`` of a third grid axis take K steps ``[s, s + 1) * K/256/split_k``
-    and store their super-scaled fp32 partial sums ``[split_k, M, N]`` (no epilogue: the caller
+    and store their super-scaled fp32 partial sums ``[split_k, m_out, N]`` (no epilogue: the caller
     adds them and applies it). ``col_blocks``: 64-column output blocks per program (each with its
     own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
     col_blocks`` columns instead of once per 64.
@@ -411,8 +415,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     if col_blocks < 1 or (n_out // BLOCK_N) % col_blocks:
         raise NotImplementedError(f"N_out/64 = {n_out // BLOCK_N} column blocks must divide into "
                                   f"col_blocks={col_blocks}")
-    grp, blk, lo_t, hi_t = tiles
-    row0_t = blk * block_m
+    grp, blk, lo_t, hi_t, row0_t = tiles
+    m_out = m if m_out is None else m_out
     num_tiles = grp.shape[0]
     out_blocks = n_out // BLOCK_N
     halves = 2 if swiglu else 1
@@ -527,13 +531,16 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         def _padding():
             store_tile([], [])
 
-    out_type = (jax.ShapeDtypeStruct((split_k, m, n), jnp.float32) if split
-                else jax.ShapeDtypeStruct((m, n_out), out_dtype))
+    out_type = (jax.ShapeDtypeStruct((split_k, m_out, n), jnp.float32) if split
+                else jax.ShapeDtypeStruct((m_out, n_out), out_dtype))
+    # The last grid axis varies fastest: programs launched together share a tile's x rows (one
+    # read from DRAM) instead of sharing a column block across tiles (x re-read for every
+    # column block once it outgrows L2: ~4 GB a projection at 1024 tokens, results/NOTES.md §32).
     kernel = plgpu.kernel(
         wint2_fragments_matmul,
         out_type=out_type,
-        grid=(out_blocks // col_blocks, num_tiles, *((split_k,) if split else ())),
-        grid_names=("n", "t", "s") if split else ("n", "t"),
+        grid=(*((split_k,) if split else ()), num_tiles, out_blocks // col_blocks),
+        grid_names=("s", "t", "n") if split else ("t", "n"),
         compiler_params=plgpu.CompilerParams(),
     )
     args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
@@ -696,11 +703,13 @@ def _rows_per_expert(m: int, groups: int) -> int:
 def block_m_for(m: int, groups: int) -> int:
     """Rows per tile (wgmma N): 1.5x the mean rows of an active expert, a power of two in 8..64.
 
-    The margin covers routing's spread: at 8 rows an expert (300B, 64 tokens) many experts get
-    more than 8 and a second tile, so 16-row tiles win (up_gate 982 vs 1256 µs, H100). At 128
-    rows an expert 64-row tiles beat 128 (up_gate 3246 vs 4154 µs, down 2758 vs 3063: a
-    128-column fp32 accumulator per SwiGLU half costs the occupancy). ``results/NOTES.md``
-    §20, §23, §25.
+    Every expert's rows start a tile (:func:`kernels.expert_tiles`), so a tile height at or
+    above an expert's rows decodes its weights once. The margin covers routing's spread: at 8
+    rows an expert (300B, 64 tokens) many experts get more than 8, so 16-row tiles win (up_gate
+    713 µs vs 940 at 8 rows and 792 at 32; down 383 vs 512 / 418; H100 sweeps of session 6).
+    At 128 rows an expert 64-row tiles beat 128 (1024 tokens, up_gate 2563 vs 3067 µs, down 1325
+    vs 1740: a 128-column fp32 accumulator per SwiGLU half costs the occupancy).
+    ``results/NOTES.md`` §20, §23, §25, §33.
     """
     per = _rows_per_expert(m, groups)
     want = per + per // 2
@@ -710,9 +719,10 @@ def block_m_for(m: int, groups: int) -> int:
 def heuristic_config(m: int, groups: int, activation=None, *,
                      n_out: int | None = None) -> MosaicConfig:
     """The measured rules for shapes the device's tuned table does not hold (H100 sweeps,
-    ``results/NOTES.md`` §25-30): :func:`block_m_for`, :func:`schedule_for`, 2 stages; two
+    ``results/NOTES.md`` §25-33): :func:`block_m_for`, :func:`schedule_for`, 2 stages; two
     64-column blocks a program (sharing the x tile) from 64 rows an expert, if ``n_out`` (the
-    output columns) divides (300B at 1024 tokens: down 2836 -> 1892 µs, up_gate 3494 -> 3312);
+    output columns) divides (300B at 1024 tokens, up_gate: 2617 vs 2676 µs; before the grid ran
+    a tile's column blocks together it was 3312 vs 3494, and the down projection's 1892 vs 2836);
     no K split (it won only for the 300B up_gate at one token: split 4, 109 -> 101 µs, and lost
     for the 21B under "one", 34 -> 51 µs; the table holds it where it wins)."""
     bm = block_m_for(m, groups)
@@ -739,7 +749,7 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
     Hopper GPU).
     """
-    from .kernels import _permute_columns, _weights, tile_table
+    from .kernels import _permute_columns, _weights, expert_tiles
 
     qw = w["quant_weight"]
     if not available():
@@ -760,14 +770,14 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     wsf = ws.reshape(-1, n // BLOCK_N, k // BLOCK_K, 128)
     cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
     bm = cfg.block_m
-    mp = -(-m // bm) * bm
-    xp = jnp.pad(_permute_columns(x, k, BLOCK_K, 4, k_order), ((0, mp - m), (0, 0)))
-    tiles = tile_table(group_sizes, m, bm, layer=layer, num_layers=num_layers)
-    rs = None if row_scale is None else jnp.pad(row_scale.astype(jnp.float32), (0, mp - m))
+    tiles, src = expert_tiles(group_sizes, m, bm, layer=layer, num_layers=num_layers)
+    # One gather: the plane order of x's columns, and each group's rows from a block boundary.
+    xp = jnp.take(_permute_columns(x, k, BLOCK_K, 4, k_order), src, axis=0)
+    rs = None if row_scale is None else row_scale.astype(jnp.float32)
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, tiles, rs, activation=activation,
                          out_dtype=out_dtype or x.dtype, block_m=bm, stages=cfg.stages,
                          schedule=cfg.schedule, split_k=cfg.split_k,
-                         col_blocks=cfg.col_blocks)
+                         col_blocks=cfg.col_blocks, m_out=m)
     if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype or x.dtype)
-    return out[:m]
+    return out

@@ -112,6 +112,45 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
     return grp, jnp.where(valid, blk, zero), jnp.where(valid, lo, zero), jnp.where(valid, hi, zero)
 
 
+def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
+                 num_layers: int = 1) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Tiles that start at their group's first row: ``(group, block, lo, hi, row0)``, ``src``.
+
+    :func:`tile_table` cuts the sorted rows at fixed ``bm``-row boundaries, so a group of ``r``
+    rows straddling one costs two tiles, and every tile decodes its group's whole weight
+    matrix: at 8-64 rows an expert most groups straddle one (300B at 256 tokens, 64-row tiles:
+    94 tiles for 64 experts). Here every group's rows start a new tile: ``ceil(r / bm)`` tiles a
+    group (64 at 256 tokens). The rows are laid out again for it: padded row ``p`` of block ``t``
+    (``t * bm <= p < t * bm + bm``) holds sorted row ``src[p]``, so tile ``t`` reads x block
+    ``t`` and writes sorted rows ``[lo, hi)`` of the output, the first of them ``row0`` (the
+    block's rows past ``hi`` repeat others and are not stored).
+
+    Returns int32 ``[T]`` each, ``T = m // bm + min(E + 1, m)`` (a bound on the tiles: each
+    non-empty group, the padding group included, adds at most one partial tile), and ``src``
+    int32 ``[T * bm]``. Rows past ``sum(group_sizes)`` form group ``E`` (written as zeros);
+    unused trailing tiles have ``lo == hi``. ``layer``: as :func:`tile_table`.
+    """
+    e = group_sizes.shape[0]
+    sizes = group_sizes.astype(jnp.int32)
+    sizes = jnp.concatenate([sizes, jnp.maximum(m - sizes.sum(), 0)[None]])  # [E+1]
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    ntiles = (ends - starts + bm - 1) // bm
+    tile_end = jnp.cumsum(ntiles)
+    t = jnp.arange(m // bm + min(e + 1, m), dtype=jnp.int32)
+    # A dense compare (one small fusion), not jnp.searchsorted (a while loop: ~0.3 ms a GPU).
+    grp = jnp.minimum((tile_end[None, :] <= t[:, None]).sum(axis=1), e).astype(jnp.int32)
+    valid = t < tile_end[-1]
+    row0 = starts[grp] + (t - (tile_end - ntiles)[grp]) * bm
+    hi = jnp.minimum(ends[grp], row0 + bm)
+    zero = jnp.zeros_like(t)
+    row0, hi, grp = (jnp.where(valid, a, zero) for a in (row0, hi, grp))
+    src = jnp.minimum(row0[:, None] + jnp.arange(bm, dtype=jnp.int32), m - 1).reshape(-1)
+    if layer is not None:
+        grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, num_layers * e)
+    return (grp, t, row0, hi, row0), src
+
+
 def pl_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -80,6 +80,43 @@ def test_tile_table_covers_every_row_once(sizes, m, bm):
     np.testing.assert_array_equal(owner, expect)  # padding rows belong to group E
 
 
+@pytest.mark.parametrize("sizes,m,bm", [([3, 0, 0, 20, 5], 40, 16), ([0, 0], 5, 16),
+                                        ([16, 16], 32, 16), ([1] * 8, 8, 1), ([7, 9], 16, 4),
+                                        ([1] * 8 + [0] * 56, 8, 16), ([1, 1, 1], 8, 4),
+                                        ([2, 0, 3, 1, 0, 2], 9, 2), ([5, 5, 5], 16, 4),
+                                        # the bound m // bm + min(E + 1, m) is reached:
+                                        ([1] * 7, 8, 16), ([9, 9], 20, 8)])
+def test_expert_tiles_start_each_group_and_cover_every_row_once(sizes, m, bm):
+    (grp, blk, lo, hi, row0), src = (
+        jax.tree.map(np.asarray, kernels.expert_tiles(jnp.asarray(sizes), m, bm)))
+    num_tiles = m // bm + min(len(sizes) + 1, m)
+    assert len(grp) == num_tiles and src.shape == (num_tiles * bm,)
+    np.testing.assert_array_equal(blk, np.arange(num_tiles))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    owner = np.full(m, -1)
+    for t, (g, a, z, r0) in enumerate(zip(grp, lo, hi, row0, strict=True)):
+        if z <= a:
+            continue
+        assert a == r0 and z - a <= bm
+        assert (owner[a:z] == -1).all()
+        owner[a:z] = g
+        if g < len(sizes):  # a real group's tile starts at its first row or bm rows later
+            assert (a - starts[g]) % bm == 0
+        np.testing.assert_array_equal(src[t * bm:t * bm + z - a], np.arange(a, z))
+    expect = np.repeat(np.arange(len(sizes) + 1), [*sizes, m - sum(sizes)])
+    np.testing.assert_array_equal(owner, expect)  # padding rows belong to group E
+    assert ((src >= 0) & (src < m)).all()
+    # Each non-empty group costs ceil(rows / bm) tiles: no tile shared by two groups.
+    assert (hi > lo).sum() == sum(-(-s // bm) for s in [*sizes, m - sum(sizes)])
+
+
+def test_expert_tiles_fold_layers_into_group_ids():
+    (grp, _, lo, hi, _), _ = kernels.expert_tiles(jnp.asarray([2, 0, 3]), 8, 4, layer=2,
+                                                  num_layers=3)
+    used = np.asarray(grp)[np.asarray(hi) > np.asarray(lo)]
+    np.testing.assert_array_equal(used, [6, 8, 9])  # layer 2's groups 0, 2; padding past all
+
+
 def test_plane_permutation_groups_rows_by_byte_position():
     perm = plane_permutation(16, 8, 4)
     np.testing.assert_array_equal(perm, [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15])
