@@ -412,15 +412,22 @@ def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
 
 
 def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
-                       stages=(2,)):
+                       stages=(2,), max_rows: int | None = None):
     """Mosaic configs worth timing: the heuristic's tile height, half and double it (8..64),
-    each with the schedules ``"all"`` and ``"one"`` (``"half"`` never beat ``"one"`` in the
+    and, given ``max_rows`` (the most rows of one expert in the routing tuned on), the heights
+    that cut every expert into 1, 2 or 3 tiles (multiples of 8 up to 96 under SwiGLU, else 128:
+    80 at 151 rows, the 300B at 1024 tokens, where 64 costs some experts a third tile); each
+    with the schedules ``"all"`` and ``"one"`` (``"half"`` never beat ``"one"`` in the
     session-4 sweeps, results/NOTES.md §21; each candidate costs a ~1 s compile); at 8-row
-    tiles also K split in 2 and 4 (more programs when few experts are active), at 32-64 rows
+    tiles also K split in 2 and 4 (more programs when few experts are active), from 32 rows
     also 2 column blocks a program (half the x traffic from L2), 4 for the plain projection
     (one accumulator a block: SwiGLU's 8 would not fit the registers)."""
     bm0 = kernel_mosaic.block_m_for(rows, experts)
-    for bm in sorted({b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}):
+    heights = {b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}
+    if max_rows:  # ceil(max_rows / k) rounded up to a multiple of 8
+        cap = 96 if activation == "swiglu" else 128  # two accumulators or one
+        heights |= {h for k in (1, 2, 3) if (h := -(-max_rows // (8 * k)) * 8) <= cap}
+    for bm in sorted(heights):
         splits = [s for s in (1, 2, 4) if ksteps % s == 0] if bm == 8 else [1]
         col_blocks = ((1, 2) if activation == "swiglu" else (1, 2, 4)) if bm >= 32 else (1,)
         for sched in ("all", "one"):
@@ -447,7 +454,7 @@ def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:
             insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for i in range(4)]
             op = functools.partial(_mosaic_op, activation=act)
             cands = _mosaic_candidates(rows, s.experts, k // kernel_mosaic.BLOCK_K, act,
-                                       stages=stages)
+                                       stages=stages, max_rows=int(gs.max()))
             name, entry = _sweep(op, insts, cands,
                                  key, f"mosaic {proj} tokens={tokens}")
             table[name] = entry

@@ -88,28 +88,44 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
     that is 9 tiles, not 65 (each tile is a column of programs, and empty ones still launch).
     """
     e = group_sizes.shape[0]
-    sizes = group_sizes.astype(jnp.int32)
-    sizes = jnp.concatenate([sizes, jnp.maximum(m - sizes.sum(), 0)[None]])  # [E+1]
-    ends = jnp.minimum(jnp.cumsum(sizes), m)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = _group_bounds(group_sizes, m)
     sizes = ends - starts
     first, last = starts // bm, (ends - 1) // bm
     ntiles = jnp.where(sizes > 0, last - first + 1, 0)
     tile_end = jnp.cumsum(ntiles)
     tile_begin = tile_end - ntiles
     t = jnp.arange(pl_cdiv(m, bm) + min(e, m), dtype=jnp.int32)
-    # Group of tile t = number of groups whose tiles end at or before t. A dense compare (one
-    # small fusion) rather than jnp.searchsorted, whose while loop costs ~0.3 ms on a GPU.
-    grp = jnp.minimum((tile_end[None, :] <= t[:, None]).sum(axis=1), e).astype(jnp.int32)
-    valid = t < tile_end[-1]
+    grp, valid = _tile_groups(tile_end, t, e)
     blk = first[grp] + t - tile_begin[grp]
     lo = jnp.maximum(starts[grp], blk * bm)
     hi = jnp.minimum(ends[grp], blk * bm + bm)
     zero = jnp.zeros_like(t)
-    grp = jnp.where(valid, grp, zero)
-    if layer is not None:
-        grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, num_layers * e)
+    grp = _fold_layer(jnp.where(valid, grp, zero), e, layer, num_layers)
     return grp, jnp.where(valid, blk, zero), jnp.where(valid, lo, zero), jnp.where(valid, hi, zero)
+
+
+def _group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """``(starts, ends)`` int32 ``[E+1]`` of each group's sorted rows, clipped to ``m``; group E
+    holds the rows past ``sum(group_sizes)`` (padding)."""
+    sizes = group_sizes.astype(jnp.int32)
+    sizes = jnp.concatenate([sizes, jnp.maximum(m - sizes.sum(), 0)[None]])
+    ends = jnp.minimum(jnp.cumsum(sizes), m)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends
+
+
+def _tile_groups(tile_end: jax.Array, t: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
+    """Group of each tile ``t`` (the number of groups whose tiles end at or before it; at most
+    ``e``) and whether ``t`` is a tile at all. A dense compare (one small fusion) rather than
+    ``jnp.searchsorted``, whose while loop costs ~0.3 ms on a GPU."""
+    grp = jnp.minimum((tile_end[None, :] <= t[:, None]).sum(axis=1), e).astype(jnp.int32)
+    return grp, t < tile_end[-1]
+
+
+def _fold_layer(grp: jax.Array, e: int, layer, num_layers: int) -> jax.Array:
+    """Group ids of layer ``layer`` in the folded ``[L*E]`` group axis; padding past them all."""
+    if layer is None:
+        return grp
+    return jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, num_layers * e)
 
 
 def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
@@ -131,24 +147,17 @@ def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
     unused trailing tiles have ``lo == hi``. ``layer``: as :func:`tile_table`.
     """
     e = group_sizes.shape[0]
-    sizes = group_sizes.astype(jnp.int32)
-    sizes = jnp.concatenate([sizes, jnp.maximum(m - sizes.sum(), 0)[None]])  # [E+1]
-    ends = jnp.minimum(jnp.cumsum(sizes), m)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = _group_bounds(group_sizes, m)
     ntiles = (ends - starts + bm - 1) // bm
     tile_end = jnp.cumsum(ntiles)
     t = jnp.arange(m // bm + min(e + 1, m), dtype=jnp.int32)
-    # A dense compare (one small fusion), not jnp.searchsorted (a while loop: ~0.3 ms a GPU).
-    grp = jnp.minimum((tile_end[None, :] <= t[:, None]).sum(axis=1), e).astype(jnp.int32)
-    valid = t < tile_end[-1]
+    grp, valid = _tile_groups(tile_end, t, e)
     row0 = starts[grp] + (t - (tile_end - ntiles)[grp]) * bm
     hi = jnp.minimum(ends[grp], row0 + bm)
     zero = jnp.zeros_like(t)
     row0, hi, grp = (jnp.where(valid, a, zero) for a in (row0, hi, grp))
     src = jnp.minimum(row0[:, None] + jnp.arange(bm, dtype=jnp.int32), m - 1).reshape(-1)
-    if layer is not None:
-        grp = jnp.where(grp < e, grp + jnp.asarray(layer, jnp.int32) * e, num_layers * e)
-    return (grp, t, row0, hi, row0), src
+    return (_fold_layer(grp, e, layer, num_layers), t, row0, hi, row0), src
 
 
 def pl_cdiv(a: int, b: int) -> int:

@@ -34,6 +34,11 @@ def test_mosaic_candidates_follow_the_shape():
     swiglu = list(bench._mosaic_candidates(8192, 64, 32, "swiglu"))
     assert {c.col_blocks for c in swiglu} == {1, 2}  # 8 accumulators would not fit
     assert kernel_mosaic.heuristic_config(8192, 64, "swiglu", n_out=3584) in swiglu
+    # the most rows of one expert: heights that cut it into 1, 2, 3 tiles (151 -> -, 80, 56)
+    fit = list(bench._mosaic_candidates(8192, 64, 32, "swiglu", max_rows=151))
+    assert {c.block_m for c in fit} == {32, 56, 64, 80}
+    plain = list(bench._mosaic_candidates(6144, 64, 6, None, max_rows=116))
+    assert {c.block_m for c in plain} == {32, 40, 64, 120}  # one accumulator: up to 128
 
 
 def test_write_tuned_keeps_the_other_section(tmp_path, monkeypatch):

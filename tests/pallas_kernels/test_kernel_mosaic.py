@@ -165,6 +165,10 @@ GPU_CASES = [
     dict(k=768, n=256, e=3, m=24, row_scale=True, block_m=8, col_blocks=4, seed=11),
     dict(k=512, n=512, e=4, m=40, activation="swiglu", row_scale=True, layers=2, layer=1,
          block_m=8, split_k=2, col_blocks=2, seed=12),
+    # tile heights that are not powers of two (the tuner cuts experts into 1-3 tiles)
+    dict(k=512, n=512, e=4, m=300, activation="swiglu", block_m=80, schedule="one",
+         col_blocks=2, seed=13),
+    dict(k=768, n=256, e=5, m=200, row_scale=True, block_m=24, seed=14),
 ]
 
 
