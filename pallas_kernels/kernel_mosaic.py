@@ -50,12 +50,13 @@ instead of 2). A K split (a third grid axis) stores fp32 partial sums for the ca
 Tile rows, stages, schedule, split and column blocks come from the device's tuned table
 (``config.MosaicConfig``, ``tuned/<device>.json`` section ``mosaic``) or :func:`heuristic_config`.
 
-**Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22): the same
-decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the 1-token
-300B up_gate) against Triton's 7.2, and the 300B expert FFN runs 1.2-2.1x faster than the Triton
-kernel at 1-1024 tokens; end to end the 300B decodes 42.8 -> 55.9 tok/s at batch 1 and 748 -> 867
-at batch 64 (H200). Limits: bf16 x, ``K % 256 == 0``, ``N % 64 == 0`` (per shard under tensor
-parallelism, where each shard's bytes are re-ordered on their own), a Hopper GPU. There is no CPU
+**Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22, §33): the
+same decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the
+1-token 300B up_gate) against Triton's 7.2, and the 300B expert FFN runs 1.6-3.5x faster than the
+Triton kernel at 1-4096 tokens (the README's table, same runs); end to end (session 4) the 300B
+decodes 42.8 -> 55.9 tok/s at batch 1 and 748 -> 867 at batch 64 (H200). Limits: bf16 x,
+``K % 256 == 0``, ``N % 64 == 0`` (per shard under tensor parallelism, where each shard's bytes
+are re-ordered on their own), a Hopper GPU. There is no CPU
 interpreter for it (Mosaic GPU's is private and hangs on jax 0.10): CI checks the byte order,
 the reference path, and that every configuration the GPU tests run lowers for CUDA (Mosaic GPU's
 layout and shape checks run on a CPU); the kernel itself is tested on the GPU
