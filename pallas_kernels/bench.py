@@ -385,29 +385,35 @@ def _candidates(fmt: str, rows: int, experts: int):
                     split_k=split[0] if split else 1)
 
 
+def _tune_problems(case: Case, tokens_list, fmt: str, weights):
+    """``(label, activation, key, instances, group sizes)`` of each grouped projection and token
+    count to sweep: uniform routing; 4 calls per timing with expert labels rotated as in
+    ``bench_row``, so that small experts do not stay in L2 from one call to the next.
+    ``weights``: the (up_gate, down) linears in the layout the swept kernel reads."""
+    s = case.shape
+    for proj, act in (("up_gate", "swiglu"), ("down", None)):
+        w = weights[0 if proj == "up_gate" else 1]
+        k, n = s.up_gate if proj == "up_gate" else s.down
+        for tokens in tokens_list:
+            gs = shapes.group_sizes(shapes.route(tokens, s, "uniform", seed=tokens), s.experts)
+            rows = tokens * s.top_k
+            x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
+            key = config_lib.TunedKey(fmt, act or "none", s.experts, k, n // 2 if act else n,
+                                      config_lib.rows_bucket(rows))
+            insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for i in range(4)]
+            yield f"{proj} tokens={tokens}", act, key, insts, np.asarray(gs)
+
+
 def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:
     from . import kernels
 
-    s, table = case.shape, {}
+    table = {}
     for fmt in fmts:
-        for proj, act in (("up_gate", "swiglu"), ("down", None)):
-            w = case.w[fmt][0 if proj == "up_gate" else 1]
-            k, n = s.up_gate if proj == "up_gate" else s.down
-            n_out = n // 2 if act else n
+        for label, act, key, insts, _ in _tune_problems(case, tokens_list, fmt, case.w[fmt]):
             op = functools.partial(kernels.quant_grouped_matmul, fmt=fmt, activation=act)
-            for tokens in tokens_list:
-                ids = shapes.route(tokens, s, "uniform", seed=tokens)
-                gs = jnp.asarray(shapes.group_sizes(ids, s.experts))
-                rows = tokens * s.top_k
-                x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
-                key = config_lib.TunedKey(fmt, act or "none", s.experts, k, n_out,
-                                          config_lib.rows_bucket(rows))
-                # 4 calls per timing (one host sync), expert labels rotated as in bench_row so
-                # that small experts do not stay in L2 from one call to the next
-                insts = [(x, w, jnp.roll(gs, 7 * i)) for i in range(4)]
-                name, entry = _sweep(op, insts, _candidates(fmt, rows, s.experts), key,
-                                     f"{fmt} {proj} tokens={tokens}")
-                table[name] = entry
+            cands = _candidates(fmt, insts[0][0].shape[0], case.shape.experts)
+            name, entry = _sweep(op, insts, cands, key, f"{fmt} {label}")
+            table[name] = entry
     return table
 
 
@@ -440,24 +446,14 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
 
 def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:
     """Sweep ``_mosaic_candidates`` for both projections of ``case`` (fragment byte order)."""
-    s, table = case.shape, {}
-    for proj, act in (("up_gate", "swiglu"), ("down", None)):
-        w = case.frag[0 if proj == "up_gate" else 1]
-        k, n = s.up_gate if proj == "up_gate" else s.down
-        n_out = n // 2 if act else n
-        for tokens in tokens_list:
-            gs = shapes.group_sizes(shapes.route(tokens, s, "uniform", seed=tokens), s.experts)
-            rows = tokens * s.top_k
-            x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
-            key = config_lib.TunedKey("wint2", act or "none", s.experts, k, n_out,
-                                      config_lib.rows_bucket(rows))
-            insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for i in range(4)]
-            op = functools.partial(_mosaic_op, activation=act)
-            cands = _mosaic_candidates(rows, s.experts, k // kernel_mosaic.BLOCK_K, act,
-                                       stages=stages, max_rows=int(gs.max()))
-            name, entry = _sweep(op, insts, cands,
-                                 key, f"mosaic {proj} tokens={tokens}")
-            table[name] = entry
+    table = {}
+    for label, act, key, insts, gs in _tune_problems(case, tokens_list, "wint2", case.frag):
+        op = functools.partial(_mosaic_op, activation=act)
+        cands = _mosaic_candidates(insts[0][0].shape[0], case.shape.experts,
+                                   key.k // kernel_mosaic.BLOCK_K, act, stages=stages,
+                                   max_rows=int(gs.max()))
+        name, entry = _sweep(op, insts, cands, key, f"mosaic {label}")
+        table[name] = entry
     return table
 
 

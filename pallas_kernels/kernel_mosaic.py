@@ -378,13 +378,12 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   block_m: int, stages: int, schedule: str, split_k: int = 1,
-                   col_blocks: int = 1, m_out: int | None = None):
+                   config: MosaicConfig, m_out: int | None = None):
     """Run the Mosaic kernel on plane-permuted x (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, block, lo, hi, row0)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t
-    reads the ``block_m`` rows of x block ``block`` and writes output rows ``[lo, hi)``, the
-    first of them ``row0``. ``m_out``: the output's rows (default: x's).
+    reads the ``config.block_m`` rows of x block ``block`` and writes output rows ``[lo, hi)``,
+    the first of them ``row0``. ``m_out``: the output's rows (default: x's).
     ``qwf [G, N/64, K/256, 16, 256]`` / ``wsf [G, N/64, K/256, 128]``: :func:`fragment_weights`,
     :func:`fragment_scales`; ``ss, cs, zp`` fp32 ``[G, N]``. Tiles of group ``>= G``: padding.
     ``split_k > 1``: programs ``s`` of a third grid axis take K steps ``[s, s + 1) * K/256/split_k``
@@ -396,6 +395,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    block_m, stages, schedule = config.block_m, config.stages, config.schedule
+    split_k, col_blocks = config.split_k, config.col_blocks
     m, k = x_planes.shape
     num_groups, nblk, ksteps = qwf.shape[:3]
     n = nblk * BLOCK_N
@@ -405,15 +406,11 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise ValueError(f"x has K={k}, the weights {ksteps * BLOCK_K}")
     if m % block_m:
         raise NotImplementedError(f"x rows ({m}) must be padded to a multiple of {block_m}")
-    if block_m % 8 or block_m > 256:
-        raise NotImplementedError(f"block_m={block_m} must be a multiple of 8, at most 256")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
-    if split_k < 1 or ksteps % split_k:
+    if ksteps % split_k:
         raise NotImplementedError(f"K/256 = {ksteps} K steps must divide into split_k={split_k}")
     split = split_k > 1
     ksteps_s = ksteps // split_k
-    if col_blocks < 1 or (n_out // BLOCK_N) % col_blocks:
+    if (n_out // BLOCK_N) % col_blocks:
         raise NotImplementedError(f"N_out/64 = {n_out // BLOCK_N} column blocks must divide into "
                                   f"col_blocks={col_blocks}")
     grp, blk, lo_t, hi_t, row0_t = tiles
@@ -688,11 +685,11 @@ def available() -> bool:
         return False
 
 
-def schedule_for(block_m: int, activation) -> str:
-    """Decode schedule (see ``SCHEDULES``) by shape: one plane at a time under SwiGLU (two
-    halves' planes would not fit the registers otherwise), everything at once for the plain
-    projection (H100 sweeps, ``results/NOTES.md`` §21, §25)."""
-    del block_m  # the 2026-11-22 tune: "one" won or tied at every SwiGLU tile height but one
+def schedule_for(activation) -> str:
+    """Decode schedule (see ``SCHEDULES``): one plane at a time under SwiGLU (two halves' planes
+    would not fit the registers otherwise; "one" won or tied at every SwiGLU tile height but one
+    in the 2026-11-22 tune), everything at once for the plain projection (H100 sweeps,
+    ``results/NOTES.md`` §21, §25)."""
     return "one" if activation == "swiglu" else "all"
 
 
@@ -728,7 +725,7 @@ def heuristic_config(m: int, groups: int, activation=None, *,
     for the 21B under "one", 34 -> 51 µs; the table holds it where it wins)."""
     bm = block_m_for(m, groups)
     wide = _rows_per_expert(m, groups) >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
-    return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(bm, activation),
+    return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(activation),
                         col_blocks=2 if wide else 1)
 
 
@@ -770,15 +767,12 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     qwf = qw.reshape(-1, n // BLOCK_N, k // BLOCK_K, 16, 256)
     wsf = ws.reshape(-1, n // BLOCK_N, k // BLOCK_K, 128)
     cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
-    bm = cfg.block_m
-    tiles, src = expert_tiles(group_sizes, m, bm, layer=layer, num_layers=num_layers)
+    tiles, src = expert_tiles(group_sizes, m, cfg.block_m, layer=layer, num_layers=num_layers)
     # One gather: the plane order of x's columns, and each group's rows from a block boundary.
     xp = jnp.take(_permute_columns(x, k, BLOCK_K, 4, k_order), src, axis=0)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, tiles, rs, activation=activation,
-                         out_dtype=out_dtype or x.dtype, block_m=bm, stages=cfg.stages,
-                         schedule=cfg.schedule, split_k=cfg.split_k,
-                         col_blocks=cfg.col_blocks, m_out=m)
+                         out_dtype=out_dtype or x.dtype, config=cfg, m_out=m)
     if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype or x.dtype)
     return out

@@ -55,11 +55,11 @@ decode) the kernel is issue-bound: 7.2 thread instructions per weight, of which 
 3.25; the rest is Triton's operand handling (one shared-memory load per byte in the MMA operand
 layout, the x fragment re-packed for every 8-column MMA; ncu + SASS in ``results/NOTES.md`` §13).
 That Mosaic GPU kernel now exists for WINT2 experts on Hopper (``kernel_mosaic.py``: weights
-as wgmma's register operand from a fragment byte order, x as the shared operand; 1.2-2.1x this
-kernel on the 300B expert FFN) and the model uses it there (``byte_order="fragments"``). This
-kernel keeps every other case: WINT4 / WINT8 / bf16, dense WINT2, WINT2 experts off Hopper, and
-CPU interpret mode (CI). At >= 256 tokens the Triton MMA path
-reaches 11-30 % of the bf16 matmul peak.
+as wgmma's register operand from a fragment byte order, x as the shared operand; 1.6-3.5x this
+kernel on the 300B expert FFN, H100, 2026-11-22) and the model uses it there
+(``byte_order="fragments"``). This kernel keeps every other case: WINT4 / WINT8 / bf16, dense
+WINT2, WINT2 experts off Hopper, and CPU interpret mode (CI). At >= 256 tokens the Triton MMA
+path reaches 11-30 % of the bf16 matmul peak.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 candidates, and the tuned-table writer (the timings themselves need the GPU machine)."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels import bench, config, kernel_mosaic
+from pallas_kernels import bench, config, kernel_mosaic, shapes
 
 
 def test_time_instances_traces_the_op_once_and_reports_per_instance_seconds():
@@ -20,6 +22,24 @@ def test_time_instances_traces_the_op_once_and_reports_per_instance_seconds():
     sec = bench.time_instances(fn, insts, reps=2, min_seconds=0.001)
     assert traces == [(64, 64)], "one trace for every instance (nested jit): one compile"
     assert 0 < sec < 1.0
+
+
+def test_tune_problems_cover_both_projections_with_rotated_routing():
+    shape = shapes.MoeShape(name="tiny", experts=8, top_k=2, hidden=256, inter=128)
+    case = types.SimpleNamespace(shape=shape)
+    probs = list(bench._tune_problems(case, [1, 4], "wint2", ("w_up", "w_down")))
+    assert [p[0] for p in probs] == ["up_gate tokens=1", "up_gate tokens=4", "down tokens=1",
+                                     "down tokens=4"]
+    for label, act, key, insts, gs in probs:
+        up = label.startswith("up_gate")
+        assert act == ("swiglu" if up else None)
+        k, n_out = (256, 128) if up else (128, 256)  # SwiGLU halves up_gate's 256 columns
+        assert (key.k, key.n, key.groups) == (k, n_out, 8)
+        assert len(insts) == 4 and insts[0][1] == ("w_up" if up else "w_down")
+        rows = insts[0][0].shape[0]
+        assert insts[0][0].shape == (rows, k) and gs.sum() == rows == key.rows
+        for i, (_, _, g) in enumerate(insts):  # the same routing, expert labels rotated
+            np.testing.assert_array_equal(np.asarray(g), np.roll(gs, 7 * i))
 
 
 def test_mosaic_candidates_follow_the_shape():
