@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import math
 import statistics
@@ -427,7 +428,9 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
     session-4 sweeps, results/NOTES.md §21; each candidate costs a ~1 s compile); at 8-row
     tiles also K split in 2 and 4 (more programs when few experts are active), from 32 rows
     also 2 column blocks a program (half the x traffic from L2), 4 for the plain projection
-    (one accumulator a block: SwiGLU's 8 would not fit the registers)."""
+    (one accumulator a block: SwiGLU's 8 would not fit the registers); up to 16-row tiles
+    each also with per-warp ``mma.sync`` instead of wgmma (it lost from 16 rows an expert in
+    the session-7 A/B, by 45 % at 48-row tiles: results/NOTES.md §37)."""
     bm0 = kernel_mosaic.block_m_for(rows, experts)
     heights = {b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}
     if max_rows:  # ceil(max_rows / k) rounded up to a multiple of 8
@@ -436,12 +439,11 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
     for bm in sorted(heights):
         splits = [s for s in (1, 2, 4) if ksteps % s == 0] if bm == 8 else [1]
         col_blocks = ((1, 2) if activation == "swiglu" else (1, 2, 4)) if bm >= 32 else (1,)
-        for sched in ("all", "one"):
-            for st in stages:
-                for split in splits:
-                    for cb in col_blocks:
-                        yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched,
-                                                      split_k=split, col_blocks=cb)
+        mmas = ("wgmma", "sync") if bm <= 16 else ("wgmma",)
+        for sched, st, split, cb, mma in itertools.product(("all", "one"), stages, splits,
+                                                           col_blocks, mmas):
+            yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched, split_k=split,
+                                          col_blocks=cb, mma=mma)
 
 
 def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:

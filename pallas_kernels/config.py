@@ -75,6 +75,7 @@ class TuningConfig:
 
 
 MOSAIC_SCHEDULES = ("all", "half", "one")
+MOSAIC_MMAS = ("wgmma", "sync")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +91,9 @@ class MosaicConfig:
         epilogue applied, outside the kernel): more programs when the grid is small.
       col_blocks: 64-column output blocks per program, sharing its x tile (less L2 traffic for
         x at many rows; one more accumulator set each).
+      mma: the tensor-core instruction, ``"wgmma"`` (warpgroup-wide, asynchronous) or ``"sync"``
+        (per-warp ``mma.sync`` m16n8k16, x fragments by ``ldmatrix``: no descriptors and no
+        warpgroup waits, cheaper at tiles of a few rows; at most 64 rows).
     """
 
     block_m: int
@@ -97,6 +101,7 @@ class MosaicConfig:
     schedule: str = "all"
     split_k: int = 1
     col_blocks: int = 1
+    mma: str = "wgmma"
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= 256:
@@ -109,6 +114,10 @@ class MosaicConfig:
             raise ValueError(f"col_blocks={self.col_blocks} must be 1, 2 or 4")
         if self.schedule not in MOSAIC_SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} must be one of {MOSAIC_SCHEDULES}")
+        if self.mma not in MOSAIC_MMAS:
+            raise ValueError(f"mma={self.mma!r} must be one of {MOSAIC_MMAS}")
+        if self.mma == "sync" and self.block_m > 64:
+            raise ValueError(f"mma='sync' takes block_m <= 64, got {self.block_m}")
 
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)

@@ -312,6 +312,73 @@ def _plane(pairs, nib2, k2, shift: int):
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
+_LDSM_ASM = "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{$0, $1, $2, $3}}, [$4+{offset}];"
+_MMA_ASM = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+
+
+def _zero_acc(bm: int):
+    """Inside ``inline_mgpu``: a zero fp32 ``[64, bm]`` WGMMA-layout array (registers built
+    with ``vector.from_elements``: a splat's ``vector.broadcast`` trips the layout inference)."""
+    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
+    f32 = ir.F32Type.get()
+    zero = arith.constant(f32, 0.0)
+    regs = np.empty((1, bm // 8, 1, 1, 2, 1, 1, 1, 1), dtype=object)
+    for at in np.ndindex(regs.shape):
+        regs[at] = vector.from_elements(ir.VectorType.get((2,), f32), [zero, zero])
+    return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _mma_sync_plane(acc, a_t, x_ref, plane: int):
+    """Inside ``inline_mgpu``: ``acc + a_t @ x[:, plane columns]^T`` by per-warp ``mma.sync``.
+
+    ``acc`` fp32 ``[64, bm]`` and ``a_t`` bf16 ``[64, 64]`` in the WGMMA layout, which is, warp
+    by warp, exactly the m16n8k16 accumulator and A fragments (warp w: rows 16w..16w+15).
+    ``x_ref``: the step's x tile in shared memory, ``[bm, 256]`` bf16 as TMA wrote it (8 x 64
+    tiles of 1 KiB, 16-byte chunks of each 128-byte row swizzled by ``chunk ^ row % 8``).
+    Each ``ldmatrix.x4`` gives a thread its B fragments (x rows ``8 jj + lane // 4``, two
+    consecutive K values a register) of two 16-deep K chunks of one 8-row tile.
+    """
+    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    f32 = ir.F32Type.get()
+    shape = tuple(ir.MemRefType(x_ref.type).shape)
+    bm = acc.shape[1]
+    if shape not in ((bm // 8, BLOCK_K // 64, 8, 64), (bm, BLOCK_K)):
+        raise NotImplementedError(f"unexpected x tile in shared memory: {shape}")
+    _, lane, _ = _thread_rows()
+    row, quad = arith.remui(lane, mu.c(8, i32)), arith.divui(lane, mu.c(8, i32))
+    base = llvm.ptrtoint(i32, mu.memref_ptr(x_ref))
+    # Thread l addresses row l % 8 of matrix l // 8 = (K chunk, half) of the x4 load; the
+    # second x4 (K chunks 2, 3) is 64 bytes on, i.e. chunk index ^ 4 under the swizzle.
+    chunk = arith.muli(arith.xori(quad, row), mu.c(16, i32))
+    addr = [arith.addi(base, arith.addi(arith.muli(row, mu.c(128, i32)), c))
+            for c in (chunk, arith.xori(chunk, mu.c(64, i32)))]
+    a = {at: mu.bitcast(a_t.registers[at], i32) for at in np.ndindex(a_t.registers.shape)}
+    out = np.empty_like(acc.registers)
+    for jj in range(bm // 8):
+        c = [vector.extract(acc.registers[0, jj, 0, 0, i, 0, 0, 0, 0], dynamic_position=[],
+                            static_position=[e]) for i in range(2) for e in range(2)]
+        for half in range(2):
+            offset = (jj * (BLOCK_K // 64) + plane) * 1024  # the (rows, plane) 8 x 64 tile
+            b = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [addr[half]],
+                                _LDSM_ASM.format(offset=offset), "=r,=r,=r,=r,r",
+                                has_side_effects=True)  # ordered after the TMA wait
+            b = [llvm.extractvalue(i32, b, [q]) for q in range(4)]
+            for kc in range(2):
+                j = 2 * (2 * half + kc)  # 8-deep K tiles j, j + 1 of this 16-deep chunk
+                args = [a[(0, j, 0, 0, 0, 0, 0, 0, 0)], a[(0, j, 0, 0, 1, 0, 0, 0, 0)],
+                        a[(0, j + 1, 0, 0, 0, 0, 0, 0, 0)], a[(0, j + 1, 0, 0, 1, 0, 0, 0, 0)],
+                        b[2 * kc], b[2 * kc + 1], *c]
+                d = llvm.inline_asm(llvm.StructType.get_literal([f32] * 4), args, _MMA_ASM,
+                                    "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False)
+                c = [llvm.extractvalue(f32, d, [q]) for q in range(4)]
+        for i in range(2):
+            out[0, jj, 0, 0, i, 0, 0, 0, 0] = vector.from_elements(
+                ir.VectorType.get((2,), f32), c[2 * i:2 * i + 2])
+    return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
 def _consts_regs(cs_ref, zp_ref):
     """Inside ``inline_mgpu``: thread t's ``(cs, cs, zp + 0.5, zp + 0.5)`` of rows n, n + 8."""
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
@@ -396,7 +463,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     block_m, stages, schedule = config.block_m, config.stages, config.schedule
-    split_k, col_blocks = config.split_k, config.col_blocks
+    split_k, col_blocks, mma = config.split_k, config.col_blocks, config.mma
     m, k = x_planes.shape
     num_groups, nblk, ksteps = qwf.shape[:3]
     n = nblk * BLOCK_N
@@ -437,6 +504,25 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                        return_type=[plane_type] * 3)
     def decode_pairs(_, q_ref, s_ref, consts):
         return _decode_step(q_ref, s_ref, consts, pairs_only=True)
+
+    x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    acc_type = plgpu.ShapeDtypeStruct((BLOCK_N, block_m), f32, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(return_type=acc_type)
+    def zero_acc(_):
+        return _zero_acc(block_m)
+
+    def mma_sync(plane):
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
+                                      plgpu.RefType(transforms=x_transforms)),
+                           return_type=acc_type)
+        def mma(_, acc, a_t, x_smem):
+            return _mma_sync_plane(acc, a_t, x_smem, plane)
+        return mma
+
+    @plgpu.inline_mgpu()
+    def warpgroup_barrier(_):
+        _mgpu()[-1].warpgroup_barrier()
 
     def cut_plane(shift):
         @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * 3, return_type=plane_type)
@@ -488,28 +574,42 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             consts = [load_consts(cs_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)],
                                   zp_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]) for nb in nbs]
 
+            def planes_of(h, w_smem, consts_h):
+                """Plane ``p`` of accumulator ``h``'s weights for this K step, in order (decoded
+                all at once, or cut from the code pairs one at a time under "one")."""
+                q_s, s_s = w_smem[2 * h].at[0, 0, 0], w_smem[2 * h + 1].at[0, 0, 0]
+                if schedule in ("all", "half"):
+                    yield from decode(q_s, s_s, consts_h)
+                    return
+                pairs = decode_pairs(q_s, s_s, consts_h)
+                for shift in _SHIFTS:
+                    yield cut_plane(shift)(*pairs)
+
+            def step_sync(_, x_smem, *w_smem_and_accs):
+                *w_smem, accs = w_smem_and_accs
+                accs = list(accs)
+                for h in range(len(accs)):
+                    for p, a_t in enumerate(planes_of(h, w_smem, consts[h])):
+                        accs[h] = mma_sync(p)(accs[h], a_t, x_smem)
+                # mma.sync reads x with plain loads: every warp must be done with this slot
+                # before the pipeline refills it (wgmma's warpgroup-wide waits imply this).
+                warpgroup_barrier()
+                return tuple(accs)
+
             def with_accs(*accs):
                 def step(_, x_smem, *w_smem):
                     for h, acc in enumerate(accs):
-                        q_s, s_s = w_smem[2 * h], w_smem[2 * h + 1]
-                        if schedule in ("all", "half"):
-                            planes = decode(q_s.at[0, 0, 0], s_s.at[0, 0, 0], consts[h])
-                            for p, a_t in enumerate(planes):
-                                plgpu.wgmma(acc, a_t, x_smem.at[:, pl.ds(64 * p, 64)].T)
-                            if schedule == "half":
-                                plgpu.wgmma_wait(0)
-                            continue
-                        # Cut one plane at a time; at most one wgmma in flight reads registers.
-                        pairs = decode_pairs(q_s.at[0, 0, 0], s_s.at[0, 0, 0], consts[h])
-                        for p, shift in enumerate(_SHIFTS):
-                            a_t = cut_plane(shift)(*pairs)
+                        for p, a_t in enumerate(planes_of(h, w_smem, consts[h])):
                             plgpu.wgmma(acc, a_t, x_smem.at[:, pl.ds(64 * p, 64)].T)
-                            plgpu.wgmma_wait(1)
+                            if schedule == "one":  # at most one wgmma in flight reads registers
+                                plgpu.wgmma_wait(1)
+                        if schedule == "half":
+                            plgpu.wgmma_wait(0)
                     plgpu.wgmma_wait(0)
 
                 x_spec = plgpu.BlockSpec(
                     (block_m, BLOCK_K), lambda kk: (b, k0 + kk),
-                    transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+                    transforms=x_transforms)
                 w_specs = []
                 for nb in nbs:
                     w_specs += [
@@ -517,13 +617,23 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                                         lambda kk, nb=nb: (g, nb, k0 + kk, 0, 0)),
                         plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, k0 + kk, 0)),
                     ]
+                args = (x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
+                ss_refs = [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
+                if mma == "sync":
+                    vals = plgpu.emit_pipeline(
+                        step_sync, grid=(ksteps_s,), in_specs=[x_spec, *w_specs],
+                        max_concurrent_steps=stages,
+                        init_carry=tuple(zero_acc() for _ in nbs))(*args)
+                    store_tile(list(vals), ss_refs)
+                    return
                 plgpu.emit_pipeline(step, grid=(ksteps_s,), in_specs=[x_spec, *w_specs],
-                                    max_concurrent_steps=stages)(
-                    x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
-                store_tile([acc[...] for acc in accs],
-                           [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs])
+                                    max_concurrent_steps=stages)(*args)
+                store_tile([acc[...] for acc in accs], ss_refs)
 
-            pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
+            if mma == "sync":  # accumulators in registers, carried through the pipeline
+                with_accs()
+            else:
+                pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
 
         @pl.when((hi > lo) & (g >= num_groups))
         def _padding():
@@ -722,11 +832,13 @@ def heuristic_config(m: int, groups: int, activation=None, *,
     output columns) divides (300B at 1024 tokens, up_gate: 2617 vs 2676 µs; before the grid ran
     a tile's column blocks together it was 3312 vs 3494, and the down projection's 1892 vs 2836);
     no K split (it won only for the 300B up_gate at one token: split 4, 109 -> 101 µs, and lost
-    for the 21B under "one", 34 -> 51 µs; the table holds it where it wins)."""
+    for the 21B under "one", 34 -> 51 µs; the table holds it where it wins); per-warp
+    ``mma.sync`` at 8-row tiles (300B at 1 and 16 tokens: 3.5-4.7 % faster than wgmma; from
+    16-row tiles of 8+ rows an expert it lost, ``results/NOTES.md`` §37)."""
     bm = block_m_for(m, groups)
     wide = _rows_per_expert(m, groups) >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(activation),
-                        col_blocks=2 if wide else 1)
+                        col_blocks=2 if wide else 1, mma="sync" if bm == 8 else "wgmma")
 
 
 def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:

@@ -47,12 +47,14 @@ def test_mosaic_candidates_follow_the_shape():
     assert {c.block_m for c in one_token} == {8, 16}
     assert {c.split_k for c in one_token if c.block_m == 8} == {1, 2, 4}
     assert all(c.split_k == 1 for c in one_token if c.block_m == 16)
+    assert {c.mma for c in one_token if c.block_m == 16} == {"wgmma", "sync"}
     odd_k = list(bench._mosaic_candidates(6, 64, 5, None))  # 5 K steps: no split divides but 1
     assert {c.split_k for c in odd_k} == {1}
     many = list(bench._mosaic_candidates(8192, 64, 14, None))  # 300B down, 1024 tokens
     assert {c.block_m for c in many} == {32, 64} and {c.col_blocks for c in many} == {1, 2, 4}
     swiglu = list(bench._mosaic_candidates(8192, 64, 32, "swiglu"))
     assert {c.col_blocks for c in swiglu} == {1, 2}  # 8 accumulators would not fit
+    assert {c.mma for c in swiglu} == {"wgmma"}  # mma.sync only for tiles of <= 16 rows
     assert kernel_mosaic.heuristic_config(8192, 64, "swiglu", n_out=3584) in swiglu
     # the most rows of one expert: heights that cut it into 1, 2, 3 tiles (151 -> -, 80, 56)
     fit = list(bench._mosaic_candidates(8192, 64, 32, "swiglu", max_rows=151))

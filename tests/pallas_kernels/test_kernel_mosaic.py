@@ -115,13 +115,18 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
     finally:
         config._tuned_table.cache_clear()
     wide = kernel_mosaic.heuristic_config(8192, 64, None, n_out=8192)  # 128 rows an expert
-    assert wide.block_m == 64 and wide.col_blocks == 2
+    assert wide.block_m == 64 and wide.col_blocks == 2 and wide.mma == "wgmma"
+    assert kernel_mosaic.heuristic_config(8, 64, "swiglu").mma == "sync"  # 8-row tiles
     assert kernel_mosaic.heuristic_config(8192, 64, None, n_out=192).col_blocks == 1  # 3 blocks
     assert kernel_mosaic.heuristic_config(2048, 64, None, n_out=8192).col_blocks == 1
     with pytest.raises(ValueError, match="block_m=12"):
         MosaicConfig(block_m=12)
     with pytest.raises(ValueError, match="schedule='some'"):
         MosaicConfig(block_m=8, schedule="some")
+    with pytest.raises(ValueError, match="mma='sync' takes block_m <= 64"):
+        MosaicConfig(block_m=80, mma="sync")
+    with pytest.raises(ValueError, match="mma='mma'"):
+        MosaicConfig(block_m=8, mma="mma")
 
 
 @pytest.mark.skipif(ON_SM90, reason="on sm90 the kernel runs")
@@ -169,6 +174,17 @@ GPU_CASES = [
     dict(k=512, n=512, e=4, m=300, activation="swiglu", block_m=80, schedule="one",
          col_blocks=2, seed=13),
     dict(k=768, n=256, e=5, m=200, row_scale=True, block_m=24, seed=14),
+    # per-warp mma.sync (x fragments by ldmatrix from the swizzled tile) instead of wgmma
+    dict(k=512, n=256, e=3, m=16, activation="swiglu", block_m=8, mma="sync", seed=15),
+    dict(k=1024, n=512, e=4, m=40, activation="swiglu", block_m=16, schedule="one",
+         mma="sync", seed=16),
+    dict(k=768, n=256, e=3, m=64, row_scale=True, block_m=16, mma="sync", seed=17),
+    dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=2, layer=1, block_m=8,
+         schedule="one", split_k=2, mma="sync", seed=18),
+    dict(k=512, n=512, e=3, m=120, activation="swiglu", row_scale=True, block_m=24,
+         col_blocks=2, mma="sync", seed=19),
+    dict(k=512, n=256, e=3, m=24, row_scale=True, k_order="shuffled", block_m=8,
+         mma="sync", seed=20),
 ]
 
 
@@ -178,7 +194,8 @@ def _parse(case: dict) -> types.SimpleNamespace:
     cfg = None if bm is None else MosaicConfig(block_m=bm, stages=c.pop("stages", 2),
                                                schedule=c.pop("schedule", "all"),
                                                split_k=c.pop("split_k", 1),
-                                               col_blocks=c.pop("col_blocks", 1))
+                                               col_blocks=c.pop("col_blocks", 1),
+                                               mma=c.pop("mma", "wgmma"))
     out = types.SimpleNamespace(
         k=c.pop("k"), n=c.pop("n"), e=c.pop("e"), m=c.pop("m"), seed=c.pop("seed", 0),
         layers=c.pop("layers", None), layer=c.pop("layer", None),
@@ -243,7 +260,8 @@ def test_kernel_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
-def test_kernel_decode_is_exact_through_one_hot_rows():
+@pytest.mark.parametrize("mma", ["wgmma", "sync"])
+def test_kernel_decode_is_exact_through_one_hot_rows(mma):
     """x = I reads back bf16(bf16(q * nib) * super_scale): the decode's only rounding is the
     documented one (nib folded into the bf16 weight), the code arithmetic is the format's."""
     k, n = 512, 256
@@ -255,5 +273,5 @@ def test_kernel_decode_is_exact_through_one_hot_rows():
     want = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
     got = kernel_mosaic.grouped_matmul_fragments(
         jnp.eye(k, dtype=jnp.bfloat16), pallas_kernels.to_fragments(w),
-        jnp.asarray([k], jnp.int32))
+        jnp.asarray([k], jnp.int32), config=MosaicConfig(block_m=16, mma=mma))
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
