@@ -92,8 +92,9 @@ class MosaicConfig:
       col_blocks: 64-column output blocks per program, sharing its x tile (less L2 traffic for
         x at many rows; one more accumulator set each).
       mma: the tensor-core instruction, ``"wgmma"`` (warpgroup-wide, asynchronous) or ``"sync"``
-        (per-warp ``mma.sync`` m16n8k16, x fragments by ``ldmatrix``: no descriptors and no
-        warpgroup waits, cheaper at tiles of a few rows; at most 64 rows).
+        (per-warp ``mma.sync`` m16n8k16, x fragments by ``ldmatrix``, each scale group's
+        partial sums scaled in fp32: fewer instructions a weight at tiles of a few rows; at
+        most 64 rows).
     """
 
     block_m: int

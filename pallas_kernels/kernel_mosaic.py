@@ -36,6 +36,16 @@ rounding of the exact ``q * nib``, like the reference's one rounding of ``q * ni
 (identical when ``|q * nib| <= 256``); the per-column ``super_scale`` multiplies the fp32
 accumulator. So the wgmma accumulates the whole K range with no per-group partial sums.
 
+**mma.sync instead of wgmma** (``MosaicConfig.mma = "sync"``, tiles of a few rows): the
+decoded planes are, warp by warp, the A fragments of ``mma.sync.m16n8k16`` and the WGMMA
+accumulator layout is its C layout, so each warp runs on its own (no wgmma descriptors, fences
+or warpgroup waits; ``ldmatrix.x4`` reads x's fragments from the swizzled TMA tile). Each of a
+K step's four 16-deep chunks is one scale group, so this path also moves the group scale out of
+the weights: the planes are ``128 + w`` straight from the ``lop3`` (no bf16x2 fma, no nibble
+expansion), every group accumulates its own fp32 partial sums ``P``, and ``acc += nib * (P -
+160 X)`` with ``X`` x summed over the group (:func:`group_sums`). ``q * nib`` is then never
+rounded to bf16: x = I reads back the format's ``bf16(q * nib * super_scale)`` exactly.
+
 Tiles start at their expert's first row (``kernels.expert_tiles``: x's rows are gathered so
 that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows costs one tile,
 i.e. one decode of its weights, where the Triton kernel's fixed row blocks cost two for every
@@ -185,6 +195,24 @@ lop3.b32 w, c, msk, mgh, 0xEA; fma.rn.bf16x2 $3, w, $6, $7;
 
 _PAIR_ASM = "prmt.b32 $0, $1, $2, 0x5410;"
 
+# The planes without the group scale: bf16 128 + w (the mma.sync path scales each group's fp32
+# partial sums instead).
+_RAW_PLANES_ASM = """{
+.reg .b32 c, w, msk, mgh;
+mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+prmt.b32 c, $4, $5, 0x5410;
+shr.b32 w, c, 9; lop3.b32 $0, w, msk, mgh, 0xEA;
+shr.b32 w, c, 6; lop3.b32 $1, w, msk, mgh, 0xEA;
+shr.b32 w, c, 3; lop3.b32 $2, w, msk, mgh, 0xEA;
+lop3.b32 $3, c, msk, mgh, 0xEA;
+}"""
+
+_RAW_PLANE_ASM = """{{
+.reg .b32 w, msk, mgh;
+mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+{shift}lop3.b32 $0, w, msk, mgh, 0xEA;
+}}"""
+
 _PLANE_ASM = """{{
 .reg .b32 w, msk, mgh;
 mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
@@ -236,11 +264,12 @@ def _asm(llvm, ir, text, constraints, args, n_out):
     return [llvm.extractvalue(i32, struct, [k]) for k in range(n_out)]
 
 
-def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False):
+def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool = False):
     """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout.
 
     ``pairs_only``: instead, the code pairs and the nibble factors (three ``[64, 64]`` arrays in
-    the same layout, bf16 bit patterns) from which :func:`_plane` cuts each plane.
+    the same layout, bf16 bit patterns) from which :func:`_plane` cuts each plane. ``raw``:
+    planes of ``128 + w`` without the group scale (``s_smem`` unused), or only the pairs.
     """
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
@@ -263,7 +292,7 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False):
     sword = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), sv),
                            dynamic_position=[], static_position=[0])
     nib = {}  # (i, group q) -> (nib2, k2)
-    for i in range(2):
+    for i in range(0 if raw else 2):
         for srow in range(2):
             hi2, hik, lo2, lok = _asm(llvm, ir, _NIB_ASM.format(byte=2 * i + srow),
                                       "=r,=r,=r,=r,r", [sword], 4)
@@ -282,8 +311,19 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False):
             codes = [_asm(llvm, ir, _CODE_ASM.format(byte=b), "=r,r,f,f",
                           [w, cs[b // 2], zp[b // 2]], 1)[0] for b in range(4)]
             for i in range(2):
-                n2, k2 = nib[(i, j // 2)]
                 at = (0, j, 0, 0, i, 0, 0, 0, 0)
+                if raw:
+                    if pairs_only:
+                        [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r",
+                                      [codes[2 * i], codes[2 * i + 1]], 1)
+                        regs[0][at] = mu.bitcast(pair, bf16x2)
+                        continue
+                    outs = _asm(llvm, ir, _RAW_PLANES_ASM, "=r,=r,=r,=r,r,r",
+                                [codes[2 * i], codes[2 * i + 1]], 4)
+                    for plane, o in enumerate(outs):
+                        regs[plane][at] = mu.bitcast(o, bf16x2)
+                    continue
+                n2, k2 = nib[(i, j // 2)]
                 if pairs_only:  # P, nib, -160 nib: the planes are cut later, one at a time
                     [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r",
                                   [codes[2 * i], codes[2 * i + 1]], 1)
@@ -294,20 +334,24 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False):
                             [codes[2 * i], codes[2 * i + 1], n2, k2], 4)
                 for plane, o in enumerate(outs):
                     regs[plane][at] = mu.bitcast(o, bf16x2)
+    count = (1 if raw else 3) if pairs_only else 4
     return [fa.FragmentedArray(_registers=r, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
-            for r in regs[:3 if pairs_only else 4]]
+            for r in regs[:count]]
 
 
 def _plane(pairs, nib2, k2, shift: int):
-    """Inside ``inline_mgpu``: plane ``shift`` of the code pairs: ``bf16(q * nib)`` bf16x2."""
+    """Inside ``inline_mgpu``: plane ``shift`` of the code pairs: ``bf16(q * nib)`` bf16x2, or
+    ``128 + w`` without the nibble factors (``nib2 is None``)."""
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-    text = _PLANE_ASM.format(shift=f"shr.b32 w, $1, {shift}; " if shift else "mov.b32 w, $1; ")
+    raw = nib2 is None
+    text = (_RAW_PLANE_ASM if raw else _PLANE_ASM).format(
+        shift=f"shr.b32 w, $1, {shift}; " if shift else "mov.b32 w, $1; ")
     out = np.empty_like(pairs.registers)
     for at in np.ndindex(out.shape):
-        args = [mu.bitcast(a.registers[at], i32) for a in (pairs, nib2, k2)]
-        [v] = _asm(llvm, ir, text, "=r,r,r,r", args, 1)
+        args = [mu.bitcast(a.registers[at], i32) for a in ((pairs,) if raw else (pairs, nib2, k2))]
+        [v] = _asm(llvm, ir, text, "=r,r" if raw else "=r,r,r,r", args, 1)
         out[at] = mu.bitcast(v, bf16x2)
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
@@ -329,10 +373,12 @@ def _zero_acc(bm: int):
     return fa.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
-def _mma_sync_plane(acc, a_t, x_ref, plane: int):
-    """Inside ``inline_mgpu``: ``acc + a_t @ x[:, plane columns]^T`` by per-warp ``mma.sync``.
+def _mma_sync(accs, a_t, x_ref, plane: int):
+    """Inside ``inline_mgpu``: ``accs[c] + a_t[:, 16c:16c+16] @ x[:, chunk c of plane]^T`` by
+    per-warp ``mma.sync`` m16n8k16, for the four 16-deep K chunks ``c`` of the plane (chunk c
+    holds byte rows 16c..16c+15 of the step: scale group c).
 
-    ``acc`` fp32 ``[64, bm]`` and ``a_t`` bf16 ``[64, 64]`` in the WGMMA layout, which is, warp
+    ``accs`` fp32 ``[64, bm]`` and ``a_t`` bf16 ``[64, 64]`` in the WGMMA layout, which is, warp
     by warp, exactly the m16n8k16 accumulator and A fragments (warp w: rows 16w..16w+15).
     ``x_ref``: the step's x tile in shared memory, ``[bm, 256]`` bf16 as TMA wrote it (8 x 64
     tiles of 1 KiB, 16-byte chunks of each 128-byte row swizzled by ``chunk ^ row % 8``).
@@ -343,8 +389,8 @@ def _mma_sync_plane(acc, a_t, x_ref, plane: int):
     i32 = ir.IntegerType.get_signless(32)
     f32 = ir.F32Type.get()
     shape = tuple(ir.MemRefType(x_ref.type).shape)
-    bm = acc.shape[1]
-    if shape not in ((bm // 8, BLOCK_K // 64, 8, 64), (bm, BLOCK_K)):
+    bm = accs[0].shape[1]
+    if shape != (bm // 8, BLOCK_K // 64, 8, 64):
         raise NotImplementedError(f"unexpected x tile in shared memory: {shape}")
     _, lane, _ = _thread_rows()
     row, quad = arith.remui(lane, mu.c(8, i32)), arith.divui(lane, mu.c(8, i32))
@@ -355,10 +401,11 @@ def _mma_sync_plane(acc, a_t, x_ref, plane: int):
     addr = [arith.addi(base, arith.addi(arith.muli(row, mu.c(128, i32)), c))
             for c in (chunk, arith.xori(chunk, mu.c(64, i32)))]
     a = {at: mu.bitcast(a_t.registers[at], i32) for at in np.ndindex(a_t.registers.shape)}
-    out = np.empty_like(acc.registers)
+    outs = [np.empty_like(acc.registers) for acc in accs]
     for jj in range(bm // 8):
-        c = [vector.extract(acc.registers[0, jj, 0, 0, i, 0, 0, 0, 0], dynamic_position=[],
-                            static_position=[e]) for i in range(2) for e in range(2)]
+        cs = [[vector.extract(acc.registers[0, jj, 0, 0, i, 0, 0, 0, 0], dynamic_position=[],
+                              static_position=[e]) for i in range(2) for e in range(2)]
+              for acc in accs]
         for half in range(2):
             offset = (jj * (BLOCK_K // 64) + plane) * 1024  # the (rows, plane) 8 x 64 tile
             b = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [addr[half]],
@@ -366,16 +413,68 @@ def _mma_sync_plane(acc, a_t, x_ref, plane: int):
                                 has_side_effects=True)  # ordered after the TMA wait
             b = [llvm.extractvalue(i32, b, [q]) for q in range(4)]
             for kc in range(2):
-                j = 2 * (2 * half + kc)  # 8-deep K tiles j, j + 1 of this 16-deep chunk
+                h = 2 * half + kc  # the K chunk, i.e. the scale group and its accumulator
+                j = 2 * h  # 8-deep K tiles j, j + 1 of this 16-deep chunk
                 args = [a[(0, j, 0, 0, 0, 0, 0, 0, 0)], a[(0, j, 0, 0, 1, 0, 0, 0, 0)],
                         a[(0, j + 1, 0, 0, 0, 0, 0, 0, 0)], a[(0, j + 1, 0, 0, 1, 0, 0, 0, 0)],
-                        b[2 * kc], b[2 * kc + 1], *c]
+                        b[2 * kc], b[2 * kc + 1], *cs[h]]
                 d = llvm.inline_asm(llvm.StructType.get_literal([f32] * 4), args, _MMA_ASM,
                                     "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False)
-                c = [llvm.extractvalue(f32, d, [q]) for q in range(4)]
+                cs[h] = [llvm.extractvalue(f32, d, [q]) for q in range(4)]
+        for out, c in zip(outs, cs, strict=True):
+            for i in range(2):
+                out[0, jj, 0, 0, i, 0, 0, 0, 0] = vector.from_elements(
+                    ir.VectorType.get((2,), f32), c[2 * i:2 * i + 2])
+    return [fa.FragmentedArray(_registers=o, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+            for o in outs]
+
+
+def _apply_groups(acc, parts, s_smem, xg_ref):
+    """Inside ``inline_mgpu``: ``acc + sum_c nib_c * (parts[c] - 160 X_c)``, the step's four scale
+    groups (mma.sync path).
+
+    ``parts[c]`` fp32 ``[64, bm]`` (WGMMA layout): ``x @ (128 + w)`` over group c's 64 K rows,
+    exact products; ``xg_ref`` the tile's ``[bm, 4]`` fp32 ``160 X`` (X: x summed over each
+    group's 64 K rows), so ``parts[c] - 160 X_c = x @ q`` and the group's nibble multiplies it
+    in fp32 (no bf16 rounding of ``q * nib``: one rounding of ``q * nib * super_scale``, the
+    format's, at the output). ``s_smem``: the step's 128-byte scale chunk (:func:`fragment_scales`).
+    """
+    ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    i8 = ir.IntegerType.get_signless(8)
+    f32 = ir.F32Type.get()
+    index = ir.IndexType.get()
+    tid, lane, _ = _thread_rows()
+    bm = acc.shape[1]
+    soff = arith.index_cast(index, arith.muli(arith.divui(tid, mu.c(4, i32)), mu.c(4, i32)))
+    sv = vector.load(ir.VectorType.get((4,), i8), s_smem, [soff])
+    sword = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), sv),
+                           dynamic_position=[], static_position=[0])
+    # byte (row half i, scale row c // 2): high nibble group 2 * (c // 2), low nibble the next
+    nib = [[arith.uitofp(f32, arith.andi(arith.shrui(
+        sword, mu.c(8 * (2 * i + c // 2) + (0 if c % 2 else 4), i32)), mu.c(15, i32)))
+        for c in range(4)] for i in range(2)]
+    c2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
+    out = np.empty_like(acc.registers)
+    for jj in range(bm // 8):
+        xg = []
+        for e in range(2):  # the thread's token columns 8 jj + c2 + e: 160 X of the 4 groups
+            m = arith.index_cast(index, arith.addi(c2, mu.c(8 * jj + e, i32)))
+            v = vector.load(ir.VectorType.get((4,), f32), xg_ref, [m, arith.constant(index, 0)])
+            xg.append([vector.extract(v, dynamic_position=[], static_position=[c])
+                       for c in range(4)])
         for i in range(2):
+            vals = []
+            for e in range(2):
+                y = vector.extract(acc.registers[0, jj, 0, 0, i, 0, 0, 0, 0],
+                                   dynamic_position=[], static_position=[e])
+                for c in range(4):
+                    p = vector.extract(parts[c].registers[0, jj, 0, 0, i, 0, 0, 0, 0],
+                                       dynamic_position=[], static_position=[e])
+                    y = mlir_math.fma(nib[i][c], arith.subf(p, xg[e][c]), y)
+                vals.append(y)
             out[0, jj, 0, 0, i, 0, 0, 0, 0] = vector.from_elements(
-                ir.VectorType.get((2,), f32), c[2 * i:2 * i + 2])
+                ir.VectorType.get((2,), f32), vals)
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
@@ -495,15 +594,22 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     def load_consts(_, cs_ref, zp_ref):
         return _consts_regs(cs_ref, zp_ref)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
-                       return_type=[plane_type] * 4)
-    def decode(_, q_ref, s_ref, consts):
-        return _decode_step(q_ref, s_ref, consts)
+    def decode(*, pairs_only: bool, raw: bool):
+        """A K step's planes (or code pairs [+ nibble factors]); ``raw``: without the nibble."""
+        count = (1 if raw else 3) if pairs_only else 4
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
-                       return_type=[plane_type] * 3)
-    def decode_pairs(_, q_ref, s_ref, consts):
-        return _decode_step(q_ref, s_ref, consts, pairs_only=True)
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
+                           return_type=[plane_type] * count)
+        def dec(_, q_ref, s_ref, consts):
+            return _decode_step(q_ref, s_ref, consts, pairs_only=pairs_only, raw=raw)
+        return dec
+
+    def cut_plane(shift, *, raw: bool):
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 if raw else 3),
+                           return_type=plane_type)
+        def cut(_, pairs, *nib):
+            return _plane(pairs, *(nib or (None, None)), shift)
+        return cut
 
     x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     acc_type = plgpu.ShapeDtypeStruct((BLOCK_N, block_m), f32, layout=plgpu.Layout.WGMMA)
@@ -513,22 +619,22 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         return _zero_acc(block_m)
 
     def mma_sync(plane):
-        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA,
+        @plgpu.inline_mgpu(arg_types=((plgpu.Layout.WGMMA,) * 4, plgpu.Layout.WGMMA,
                                       plgpu.RefType(transforms=x_transforms)),
-                           return_type=acc_type)
-        def mma(_, acc, a_t, x_smem):
-            return _mma_sync_plane(acc, a_t, x_smem, plane)
+                           return_type=[acc_type] * 4)
+        def mma(_, accs, a_t, x_smem):
+            return _mma_sync(accs, a_t, x_smem, plane)
         return mma
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, (plgpu.Layout.WGMMA,) * 4,
+                                  plgpu.RefType(), plgpu.RefType()),
+                       return_type=acc_type)
+    def apply_groups(_, acc, parts, s_ref, xg_ref):
+        return _apply_groups(acc, parts, s_ref, xg_ref)
 
     @plgpu.inline_mgpu()
     def warpgroup_barrier(_):
         _mgpu()[-1].warpgroup_barrier()
-
-    def cut_plane(shift):
-        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * 3, return_type=plane_type)
-        def cut(_, pairs, nib2, k2):
-            return _plane(pairs, nib2, k2, shift)
-        return cut
 
     def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, act=swiglu):
         na, ns, nr = len(accs), len(ss_refs), rs_ref is not None
@@ -544,8 +650,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
     def wint2_fragments_matmul(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref,
                                ss_ref, cs_ref, zp_ref, *rest):
-        rs_ref = rest[0] if has_rs else None
-        out_ref = rest[-1]
+        *rest, out_ref = rest
+        xg_ref = rest.pop() if mma == "sync" else None
+        rs_ref = rest.pop() if has_rs else None
         jn = jax.lax.axis_index("n")
         t = jax.lax.axis_index("t")
         k0 = jax.lax.axis_index("s") * ksteps_s if split else 0
@@ -574,27 +681,51 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             consts = [load_consts(cs_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)],
                                   zp_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]) for nb in nbs]
 
-            def planes_of(h, w_smem, consts_h):
+            def planes_of(h, w_smem, consts_h, *, raw=False):
                 """Plane ``p`` of accumulator ``h``'s weights for this K step, in order (decoded
-                all at once, or cut from the code pairs one at a time under "one")."""
+                all at once, or cut from the code pairs one at a time under "one"); ``raw``:
+                ``128 + w``, the group scale left to the caller."""
                 q_s, s_s = w_smem[2 * h].at[0, 0, 0], w_smem[2 * h + 1].at[0, 0, 0]
                 if schedule in ("all", "half"):
-                    yield from decode(q_s, s_s, consts_h)
+                    yield from decode(pairs_only=False, raw=raw)(q_s, s_s, consts_h)
                     return
-                pairs = decode_pairs(q_s, s_s, consts_h)
+                pairs = decode(pairs_only=True, raw=raw)(q_s, s_s, consts_h)
                 for shift in _SHIFTS:
-                    yield cut_plane(shift)(*pairs)
+                    yield cut_plane(shift, raw=raw)(*pairs)
 
-            def step_sync(_, x_smem, *w_smem_and_accs):
-                *w_smem, accs = w_smem_and_accs
+            def step_sync(_, x_smem, *rest):
+                *w_smem, xg_smem, accs = rest
                 accs = list(accs)
                 for h in range(len(accs)):
-                    for p, a_t in enumerate(planes_of(h, w_smem, consts[h])):
-                        accs[h] = mma_sync(p)(accs[h], a_t, x_smem)
+                    # Each scale group's partial sums over the 4 planes, then its nibble in fp32
+                    parts = tuple(zero_acc() for _ in range(4))
+                    for p, a_t in enumerate(planes_of(h, w_smem, consts[h], raw=True)):
+                        parts = tuple(mma_sync(p)(parts, a_t, x_smem))
+                    accs[h] = apply_groups(accs[h], parts, w_smem[2 * h + 1].at[0, 0, 0], xg_smem)
                 # mma.sync reads x with plain loads: every warp must be done with this slot
                 # before the pipeline refills it (wgmma's warpgroup-wide waits imply this).
                 warpgroup_barrier()
                 return tuple(accs)
+
+            x_spec = plgpu.BlockSpec((block_m, BLOCK_K), lambda kk: (b, k0 + kk),
+                                     transforms=x_transforms)
+            w_specs = []
+            for nb in nbs:
+                w_specs += [
+                    plgpu.BlockSpec((1, 1, 1, 16, 256), lambda kk, nb=nb: (g, nb, k0 + kk, 0, 0)),
+                    plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, k0 + kk, 0)),
+                ]
+            args = (x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
+            ss_refs = [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
+
+            if mma == "sync":  # accumulators in registers, carried through the pipeline
+                xg_spec = plgpu.BlockSpec((block_m, 4), lambda kk: (b, k0 + kk))
+                vals = plgpu.emit_pipeline(
+                    step_sync, grid=(ksteps_s,), in_specs=[x_spec, *w_specs, xg_spec],
+                    max_concurrent_steps=stages,
+                    init_carry=tuple(zero_acc() for _ in nbs))(*args, xg_ref)
+                store_tile(list(vals), ss_refs)
+                return
 
             def with_accs(*accs):
                 def step(_, x_smem, *w_smem):
@@ -607,33 +738,11 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                             plgpu.wgmma_wait(0)
                     plgpu.wgmma_wait(0)
 
-                x_spec = plgpu.BlockSpec(
-                    (block_m, BLOCK_K), lambda kk: (b, k0 + kk),
-                    transforms=x_transforms)
-                w_specs = []
-                for nb in nbs:
-                    w_specs += [
-                        plgpu.BlockSpec((1, 1, 1, 16, 256),
-                                        lambda kk, nb=nb: (g, nb, k0 + kk, 0, 0)),
-                        plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, k0 + kk, 0)),
-                    ]
-                args = (x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
-                ss_refs = [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
-                if mma == "sync":
-                    vals = plgpu.emit_pipeline(
-                        step_sync, grid=(ksteps_s,), in_specs=[x_spec, *w_specs],
-                        max_concurrent_steps=stages,
-                        init_carry=tuple(zero_acc() for _ in nbs))(*args)
-                    store_tile(list(vals), ss_refs)
-                    return
                 plgpu.emit_pipeline(step, grid=(ksteps_s,), in_specs=[x_spec, *w_specs],
                                     max_concurrent_steps=stages)(*args)
                 store_tile([acc[...] for acc in accs], ss_refs)
 
-            if mma == "sync":  # accumulators in registers, carried through the pipeline
-                with_accs()
-            else:
-                pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
+            pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
 
         @pl.when((hi > lo) & (g >= num_groups))
         def _padding():
@@ -652,9 +761,17 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         compiler_params=plgpu.CompilerParams(),
     )
     args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
-            *((row_scale,) if has_rs else ()))
+            *((row_scale,) if has_rs else ()), *((group_sums(x_planes),) if mma == "sync" else ()))
     return kernel(*args)
 
+
+
+def group_sums(x_planes):
+    """``160 * X`` fp32 ``[M, K/64]``: each row of plane-ordered x summed over every 64-row scale
+    group of K (column ``64 t + p`` of a 256-wide step is K row ``4 p + t``: group ``p // 16``)."""
+    m, k = x_planes.shape
+    xs = x_planes.astype(jnp.float32).reshape(m, k // BLOCK_K, 4, 4, 16).sum(axis=(2, 4))
+    return 160.0 * xs.reshape(m, k // 64)
 
 
 # --------------------------------------------------------------------------------------------

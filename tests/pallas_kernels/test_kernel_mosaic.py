@@ -262,15 +262,20 @@ def test_kernel_matches_reference(case):
 @pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("mma", ["wgmma", "sync"])
 def test_kernel_decode_is_exact_through_one_hot_rows(mma):
-    """x = I reads back bf16(bf16(q * nib) * super_scale): the decode's only rounding is the
-    documented one (nib folded into the bf16 weight), the code arithmetic is the format's."""
+    """x = I reads back the weights. wgmma: bf16(bf16(q * nib) * super_scale), the documented
+    rounding of the nibble folded into the bf16 weight; mma.sync (each scale group's partial
+    sums scaled in fp32): the format's own bf16(q * nib * super_scale), one rounding."""
     k, n = 512, 256
     w = _rand_linear(k, n, 1, seed=7)
     leaves = [np.asarray(w[f])[0] for f in ("quant_weight", "weight_scale", "super_scales",
                                             "code_scale", "code_zp")]
+    exact = np.asarray(dequantize_wint2(*leaves), np.float32)
     q_nib = dequantize_wint2(leaves[0], leaves[1], np.ones_like(leaves[2]), *leaves[3:])
     want = (np.asarray(q_nib, np.float32) * leaves[2].astype(np.float32)[None, :])
     want = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
+    if mma == "sync":
+        assert (want != exact).any()  # the two roundings differ on this data
+        want = exact
     got = kernel_mosaic.grouped_matmul_fragments(
         jnp.eye(k, dtype=jnp.bfloat16), pallas_kernels.to_fragments(w),
         jnp.asarray([k], jnp.int32), config=MosaicConfig(block_m=16, mma=mma))
