@@ -386,23 +386,31 @@ def _candidates(fmt: str, rows: int, experts: int):
                     split_k=split[0] if split else 1)
 
 
+TUNE_ROUTINGS = ("uniform", "skewed")
+
+
 def _tune_problems(case: Case, tokens_list, fmt: str, weights):
     """``(label, activation, key, instances, group sizes)`` of each grouped projection and token
-    count to sweep: uniform routing; 4 calls per timing with expert labels rotated as in
-    ``bench_row``, so that small experts do not stay in L2 from one call to the next.
-    ``weights``: the (up_gate, down) linears in the layout the swept kernel reads."""
+    count to sweep. 4 calls per timing: 2 of the uniform routing and 2 of the skewed one, each
+    with expert labels rotated as in ``bench_row`` (small experts do not stay in L2 from one
+    call to the next). Both routings, because a config tuned on uniform routing alone can lose
+    where routing spreads: an 8-row tile that won the 21B's 512-row uniform tune by 1 % cost its
+    decode at batch 64 6 % end to end (results/NOTES.md §40). The group sizes returned (for
+    the candidate tile heights) are the uniform routing's. ``weights``: the (up_gate, down)
+    linears in the layout the swept kernel reads."""
     s = case.shape
     for proj, act in (("up_gate", "swiglu"), ("down", None)):
         w = weights[0 if proj == "up_gate" else 1]
         k, n = s.up_gate if proj == "up_gate" else s.down
         for tokens in tokens_list:
-            gs = shapes.group_sizes(shapes.route(tokens, s, "uniform", seed=tokens), s.experts)
+            gss = [shapes.group_sizes(shapes.route(tokens, s, r, seed=tokens), s.experts)
+                   for r in TUNE_ROUTINGS]
             rows = tokens * s.top_k
             x = jax.random.normal(jax.random.key(3), (rows, k), jnp.bfloat16)
             key = config_lib.TunedKey(fmt, act or "none", s.experts, k, n // 2 if act else n,
                                       config_lib.rows_bucket(rows))
-            insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for i in range(4)]
-            yield f"{proj} tokens={tokens}", act, key, insts, np.asarray(gs)
+            insts = [(x, w, jnp.asarray(np.roll(gs, 7 * i))) for gs in gss for i in range(2)]
+            yield f"{proj} tokens={tokens}", act, key, insts, np.asarray(gss[0])
 
 
 def tune(case: Case, tokens_list, fmts=("wint2", "wint4")) -> dict:

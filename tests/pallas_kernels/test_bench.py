@@ -24,7 +24,7 @@ def test_time_instances_traces_the_op_once_and_reports_per_instance_seconds():
     assert 0 < sec < 1.0
 
 
-def test_tune_problems_cover_both_projections_with_rotated_routing():
+def test_tune_problems_cover_both_projections_and_both_routings():
     shape = shapes.MoeShape(name="tiny", experts=8, top_k=2, hidden=256, inter=128)
     case = types.SimpleNamespace(shape=shape)
     probs = list(bench._tune_problems(case, [1, 4], "wint2", ("w_up", "w_down")))
@@ -38,8 +38,12 @@ def test_tune_problems_cover_both_projections_with_rotated_routing():
         assert len(insts) == 4 and insts[0][1] == ("w_up" if up else "w_down")
         rows = insts[0][0].shape[0]
         assert insts[0][0].shape == (rows, k) and gs.sum() == rows == key.rows
-        for i, (_, _, g) in enumerate(insts):  # the same routing, expert labels rotated
+        for i, (_, _, g) in enumerate(insts[:2]):  # uniform routing, expert labels rotated
             np.testing.assert_array_equal(np.asarray(g), np.roll(gs, 7 * i))
+        tokens = rows // shape.top_k  # then the skewed routing, rotated
+        want = shapes.group_sizes(shapes.route(tokens, shape, "skewed", seed=tokens), 8)
+        for i, (_, _, g) in enumerate(insts[2:]):
+            np.testing.assert_array_equal(np.asarray(g), np.roll(want, 7 * i))
 
 
 def test_mosaic_candidates_follow_the_shape():
