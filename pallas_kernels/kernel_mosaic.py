@@ -312,26 +312,18 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool 
                           [w, cs[b // 2], zp[b // 2]], 1)[0] for b in range(4)]
             for i in range(2):
                 at = (0, j, 0, 0, i, 0, 0, 0, 0)
-                if raw:
-                    if pairs_only:
-                        [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r",
-                                      [codes[2 * i], codes[2 * i + 1]], 1)
-                        regs[0][at] = mu.bitcast(pair, bf16x2)
-                        continue
-                    outs = _asm(llvm, ir, _RAW_PLANES_ASM, "=r,=r,=r,=r,r,r",
-                                [codes[2 * i], codes[2 * i + 1]], 4)
-                    for plane, o in enumerate(outs):
-                        regs[plane][at] = mu.bitcast(o, bf16x2)
-                    continue
-                n2, k2 = nib[(i, j // 2)]
-                if pairs_only:  # P, nib, -160 nib: the planes are cut later, one at a time
-                    [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r",
-                                  [codes[2 * i], codes[2 * i + 1]], 1)
-                    for r, v in zip(regs[:3], (pair, n2, k2), strict=True):
+                code_pair = [codes[2 * i], codes[2 * i + 1]]
+                nib_i = () if raw else nib[(i, j // 2)]  # (nib, -160 nib) of the group
+                if pairs_only:  # the planes are cut later, one at a time
+                    [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r", code_pair, 1)
+                    for r, v in zip(regs, (pair, *nib_i), strict=False):
                         r[at] = mu.bitcast(v, bf16x2)
                     continue
-                outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r,r",
-                            [codes[2 * i], codes[2 * i + 1], n2, k2], 4)
+                if raw:
+                    outs = _asm(llvm, ir, _RAW_PLANES_ASM, "=r,=r,=r,=r,r,r", code_pair, 4)
+                else:
+                    outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r,r",
+                                [*code_pair, *nib_i], 4)
                 for plane, o in enumerate(outs):
                     regs[plane][at] = mu.bitcast(o, bf16x2)
     count = (1 if raw else 3) if pairs_only else 4
@@ -556,7 +548,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     and store their super-scaled fp32 partial sums ``[split_k, m_out, N]`` (no epilogue: the caller
     adds them and applies it). ``col_blocks``: 64-column output blocks per program (each with its
     own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
-    col_blocks`` columns instead of once per 64.
+    col_blocks`` columns instead of once per 64. ``mma == "sync"``: per-warp ``mma.sync`` with
+    fp32 scale groups; x's group sums (:func:`group_sums`) ride along as a pipelined input.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
