@@ -62,7 +62,8 @@ Tile rows, stages, schedule, split and column blocks come from the device's tune
 
 **Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22, §33): the
 same decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the
-1-token 300B up_gate) against Triton's 7.2, and the 300B expert FFN runs 1.6-3.5x faster than the
+1-token 300B up_gate; 3.4 on the mma.sync path, §38) against Triton's 7.2, and the 300B expert FFN
+runs 1.6-3.6x faster than the
 Triton kernel at 1-4096 tokens (the README's table, same runs); end to end (session 4) the 300B
 decodes 42.8 -> 55.9 tok/s at batch 1 and 748 -> 867 at batch 64 (H200). Limits: bf16 x,
 ``K % 256 == 0``, ``N % 64 == 0`` (per shard under tensor parallelism, where each shard's bytes
