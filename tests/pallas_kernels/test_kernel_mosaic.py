@@ -55,6 +55,19 @@ def test_fragment_bytes_follow_the_wgmma_register_fragment():
                     np.testing.assert_array_equal(mine[4 * j:4 * j + 4], want)
 
 
+@pytest.mark.parametrize("k_order", ["natural", "shuffled"])
+def test_group_sums_follow_the_scale_groups_of_k(k_order):
+    """The mma.sync path's ``160 X``: x summed over each 64-row scale group of K, read from the
+    plane-ordered (and, for a shuffled checkpoint, un-shuffled) columns the kernel gets."""
+    from pallas_kernels.kernels import _permute_columns
+
+    m, k = 5, 768
+    x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32).astype(jnp.bfloat16)
+    got = kernel_mosaic.group_sums(_permute_columns(x, k, kernel_mosaic.BLOCK_K, 4, k_order))
+    want = 160.0 * np.asarray(x, np.float32).reshape(m, k // 64, 64).sum(-1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3)
+
+
 def test_fragment_scales_hold_each_threads_rows():
     k, n = 512, 128
     ws = np.random.default_rng(1).integers(0, 256, (1, k // 128, n), dtype=np.uint8)
