@@ -76,6 +76,7 @@ class TuningConfig:
 
 MOSAIC_SCHEDULES = ("all", "half", "one")
 MOSAIC_MMAS = ("wgmma", "sync")
+MOSAIC_PLANES = ("bf16", "fp16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,6 +96,9 @@ class MosaicConfig:
         (per-warp ``mma.sync`` m16n8k16, x fragments by ``ldmatrix``, each scale group's
         partial sums scaled in fp32: fewer instructions a weight at tiles of a few rows; at
         most 64 rows).
+      planes: the operand type of the decoded weights and x under ``mma="sync"``: ``"bf16"``, or
+        ``"fp16"`` (x scaled per row into fp16's range; the 10-bit mantissa takes two of a byte's
+        four windows without a shift: one shift a code pair instead of three).
     """
 
     block_m: int
@@ -103,6 +107,7 @@ class MosaicConfig:
     split_k: int = 1
     col_blocks: int = 1
     mma: str = "wgmma"
+    planes: str = "bf16"
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= 256:
@@ -119,6 +124,10 @@ class MosaicConfig:
             raise ValueError(f"mma={self.mma!r} must be one of {MOSAIC_MMAS}")
         if self.mma == "sync" and self.block_m > 64:
             raise ValueError(f"mma='sync' takes block_m <= 64, got {self.block_m}")
+        if self.planes not in MOSAIC_PLANES:
+            raise ValueError(f"planes={self.planes!r} must be one of {MOSAIC_PLANES}")
+        if self.planes == "fp16" and self.mma != "sync":
+            raise ValueError("planes='fp16' needs mma='sync'")
 
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)

@@ -8,7 +8,7 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
 
 ``--kernel mosaic`` drives the Mosaic GPU kernel instead (fragment byte order; kernel name
 ``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` / ``--schedule`` / ``--split-k`` /
-``--col-blocks`` / ``--mma`` override its tuned or heuristic config).
+``--col-blocks`` / ``--mma`` / ``--planes`` override its tuned or heuristic config).
 
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
 benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
@@ -45,6 +45,8 @@ def main(argv=None) -> None:
                    help="mosaic: 64-column output blocks per program")
     p.add_argument("--mma", choices=("wgmma", "sync"), default=None,
                    help="mosaic: tensor-core instruction (default: tuned, else the heuristic)")
+    p.add_argument("--planes", choices=("bf16", "fp16"), default=None,
+                   help="mosaic, with --mma sync: operand type of the decoded planes")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -63,7 +65,8 @@ def main(argv=None) -> None:
         n_out = n // 2 if act else n
         mcfg = kernel_mosaic.config_for(x.shape[0], k, n_out, s.experts, act)
         overrides = dict(block_m=a.block_m, stages=a.stages, schedule=a.schedule,
-                         split_k=a.split_k, col_blocks=a.col_blocks, mma=a.mma)
+                         split_k=a.split_k, col_blocks=a.col_blocks, mma=a.mma,
+                         planes=a.planes)
         mcfg = dataclasses.replace(mcfg, **{f: v for f, v in overrides.items() if v is not None})
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
             x, w, gs, activation=act, config=mcfg))

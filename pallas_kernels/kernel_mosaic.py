@@ -45,6 +45,10 @@ the weights: the planes are ``128 + w`` straight from the ``lop3`` (no bf16x2 fm
 expansion), every group accumulates its own fp32 partial sums ``P``, and ``acc += nib * (P -
 160 X)`` with ``X`` x summed over the group (:func:`group_sums`). ``q * nib`` is then never
 rounded to bf16: x = I reads back the format's ``bf16(q * nib * super_scale)`` exactly.
+``planes="fp16"`` (written 2026-11-22, lowered and emulated on a CPU, **not yet run on a GPU**;
+nothing selects it until it is measured): fp16 operands, whose 10-bit mantissa takes a window
+at bit 0 or 3, so one shift cuts two planes (``_F16_PLANES``); x is scaled per row into fp16's
+range (:func:`fp16_row_scales`, undone in the epilogue) and the x8 planes' columns by 1/8.
 
 Tiles start at their expert's first row (``kernels.expert_tiles``: x's rows are gathered so
 that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows costs one tile,
@@ -208,6 +212,28 @@ shr.b32 w, c, 3; lop3.b32 $2, w, msk, mgh, 0xEA;
 lop3.b32 $3, c, msk, mgh, 0xEA;
 }"""
 
+# fp16 planes (mma.sync path, ``planes="fp16"``): under fp16's 0x6400 (1024, ulp 1) the 10-bit
+# mantissa takes a window at bit 0 (1024 + w) or at bit 3 (1024 + 8w; x's columns of those planes
+# come pre-scaled by 1/8), so one shift by 6 serves planes 0 and 1 and planes 2 and 3 need none.
+_F16_PLANES = ((6, 0x01F801F8), (6, 0x003F003F), (0, 0x01F801F8), (0, 0x003F003F))  # shift, mask
+_F16_X_SCALE = (0.125, 1.0, 0.125, 1.0)  # x's columns of planes 0..3
+_RAW_PLANES_F16_ASM = """{
+.reg .b32 c, w, m1, m8, mg;
+mov.b32 m1, 0x003F003F; mov.b32 m8, 0x01F801F8; mov.b32 mg, 0x64006400;
+prmt.b32 c, $4, $5, 0x5410;
+shr.b32 w, c, 6;
+lop3.b32 $0, w, m8, mg, 0xEA;
+lop3.b32 $1, w, m1, mg, 0xEA;
+lop3.b32 $2, c, m8, mg, 0xEA;
+lop3.b32 $3, c, m1, mg, 0xEA;
+}"""
+
+_RAW_PLANE_F16_ASM = """{{
+.reg .b32 w, msk, mgh;
+mov.b32 msk, {mask}; mov.b32 mgh, 0x64006400;
+{shift}lop3.b32 $0, w, msk, mgh, 0xEA;
+}}"""
+
 _RAW_PLANE_ASM = """{{
 .reg .b32 w, msk, mgh;
 mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
@@ -265,18 +291,20 @@ def _asm(llvm, ir, text, constraints, args, n_out):
     return [llvm.extractvalue(i32, struct, [k]) for k in range(n_out)]
 
 
-def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool = False):
+def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool = False,
+                 fp16: bool = False):
     """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout.
 
     ``pairs_only``: instead, the code pairs and the nibble factors (three ``[64, 64]`` arrays in
     the same layout, bf16 bit patterns) from which :func:`_plane` cuts each plane. ``raw``:
-    planes of ``128 + w`` without the group scale (``s_smem`` unused), or only the pairs.
+    planes of ``128 + w`` without the group scale (``s_smem`` unused), or only the pairs;
+    ``fp16`` (with ``raw``): fp16 planes ``1024 + w`` / ``1024 + 8 w`` (``_F16_PLANES``).
     """
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
     i8 = ir.IntegerType.get_signless(8)
     index = ir.IndexType.get()
-    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+    bf16x2 = ir.VectorType.get((2,), (ir.F16Type if fp16 else ir.BF16Type).get())
     tid, _, _ = _thread_rows()
 
     def idx(v):
@@ -321,7 +349,8 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool 
                         r[at] = mu.bitcast(v, bf16x2)
                     continue
                 if raw:
-                    outs = _asm(llvm, ir, _RAW_PLANES_ASM, "=r,=r,=r,=r,r,r", code_pair, 4)
+                    outs = _asm(llvm, ir, _RAW_PLANES_F16_ASM if fp16 else _RAW_PLANES_ASM,
+                                "=r,=r,=r,=r,r,r", code_pair, 4)
                 else:
                     outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r,r",
                                 [*code_pair, *nib_i], 4)
@@ -332,15 +361,20 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool 
             for r in regs[:count]]
 
 
-def _plane(pairs, nib2, k2, shift: int):
+def _plane(pairs, nib2, k2, shift: int, *, fp16: bool = False):
     """Inside ``inline_mgpu``: plane ``shift`` of the code pairs: ``bf16(q * nib)`` bf16x2, or
-    ``128 + w`` without the nibble factors (``nib2 is None``)."""
+    ``128 + w`` without the nibble factors (``nib2 is None``), or (``fp16``) the fp16 plane."""
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
-    bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+    bf16x2 = ir.VectorType.get((2,), (ir.F16Type if fp16 else ir.BF16Type).get())
     raw = nib2 is None
-    text = (_RAW_PLANE_ASM if raw else _PLANE_ASM).format(
-        shift=f"shr.b32 w, $1, {shift}; " if shift else "mov.b32 w, $1; ")
+    if fp16:
+        pre, mask = _F16_PLANES[_SHIFTS.index(shift)]
+        text = _RAW_PLANE_F16_ASM.format(
+            mask=f"0x{mask:08X}", shift=f"shr.b32 w, $1, {pre}; " if pre else "mov.b32 w, $1; ")
+    else:
+        text = (_RAW_PLANE_ASM if raw else _PLANE_ASM).format(
+            shift=f"shr.b32 w, $1, {shift}; " if shift else "mov.b32 w, $1; ")
     out = np.empty_like(pairs.registers)
     for at in np.ndindex(out.shape):
         args = [mu.bitcast(a.registers[at], i32) for a in ((pairs,) if raw else (pairs, nib2, k2))]
@@ -394,6 +428,8 @@ def _mma_sync(accs, a_t, x_ref, plane: int):
     addr = [arith.addi(base, arith.addi(arith.muli(row, mu.c(128, i32)), c))
             for c in (chunk, arith.xori(chunk, mu.c(64, i32)))]
     a = {at: mu.bitcast(a_t.registers[at], i32) for at in np.ndindex(a_t.registers.shape)}
+    mma_asm = _MMA_ASM.replace(".bf16.bf16", ".f16.f16") if a_t.mlir_dtype == ir.F16Type.get() \
+        else _MMA_ASM
     outs = [np.empty_like(acc.registers) for acc in accs]
     for jj in range(bm // 8):
         cs = [[vector.extract(acc.registers[0, jj, 0, 0, i, 0, 0, 0, 0], dynamic_position=[],
@@ -411,7 +447,7 @@ def _mma_sync(accs, a_t, x_ref, plane: int):
                 args = [a[(0, j, 0, 0, 0, 0, 0, 0, 0)], a[(0, j, 0, 0, 1, 0, 0, 0, 0)],
                         a[(0, j + 1, 0, 0, 0, 0, 0, 0, 0)], a[(0, j + 1, 0, 0, 1, 0, 0, 0, 0)],
                         b[2 * kc], b[2 * kc + 1], *cs[h]]
-                d = llvm.inline_asm(llvm.StructType.get_literal([f32] * 4), args, _MMA_ASM,
+                d = llvm.inline_asm(llvm.StructType.get_literal([f32] * 4), args, mma_asm,
                                     "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", has_side_effects=False)
                 cs[h] = [llvm.extractvalue(f32, d, [q]) for q in range(4)]
         for out, c in zip(outs, cs, strict=True):
@@ -490,12 +526,13 @@ def _consts_regs(cs_ref, zp_ref):
 
 
 def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm: int,
-                swiglu: bool):
+                swiglu: bool, inv_ref=None):
     """Inside ``inline_mgpu``: scale, activate and store rows ``[lo, hi)`` of the transposed tile.
 
     ``accs``: fp32 ``[64, bm]`` WGMMA-layout accumulators (one, or gate and up; none: a padding
     tile, zeros); element (n, m) goes to ``out[row0 + m, n]`` (``out`` is the program's 64
-    columns); ``ss_refs`` the per-column super scales of each accumulator.
+    columns); ``ss_refs`` the per-column super scales of each accumulator; ``inv_ref`` (fp16
+    planes) the per-row inverse of x's scale, applied before the activation.
     """
     ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
@@ -519,6 +556,10 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
                                            dynamic_position=[], static_position=[e])
                             for a in accs]
                     vals = [arith.mulf(v, s) for v, s in zip(vals, ss, strict=True)]
+                    if inv_ref is not None:  # clamped: rows past hi are never stored
+                        mi = arith.minsi(m, arith.subi(hi, mu.c(1, i32)))
+                        inv = memref.load(inv_ref, [arith.index_cast(index, mi)])
+                        vals = [arith.mulf(v, inv) for v in vals]
                     if swiglu:
                         g, u = vals
                         one = arith.constant(f32, 1.0)
@@ -537,7 +578,7 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   config: MosaicConfig, m_out: int | None = None):
+                   config: MosaicConfig, m_out: int | None = None, row_inv=None):
     """Run the Mosaic kernel on plane-permuted x (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, block, lo, hi, row0)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t
@@ -551,12 +592,17 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
     col_blocks`` columns instead of once per 64. ``mma == "sync"``: per-warp ``mma.sync`` with
     fp32 scale groups; x's group sums (:func:`group_sums`) ride along as a pipelined input.
+    ``planes == "fp16"``: ``x_planes`` fp16 from :func:`fp16_row_scales` and
+    :func:`fp16_plane_columns`, ``row_inv`` fp32 ``[m_out]`` the inverse row scales.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     block_m, stages, schedule = config.block_m, config.stages, config.schedule
     split_k, col_blocks, mma = config.split_k, config.col_blocks, config.mma
+    fp16 = config.planes == "fp16"
+    if fp16 and (x_planes.dtype != jnp.float16 or row_inv is None):
+        raise ValueError("planes='fp16' takes fp16 x_planes and the rows' inverse scales")
     m, k = x_planes.shape
     num_groups, nblk, ksteps = qwf.shape[:3]
     n = nblk * BLOCK_N
@@ -581,7 +627,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     has_rs = row_scale is not None
     f32 = jnp.float32
     consts_layout = plgpu.Layout.WG_STRIDED((512,), vec_size=4)
-    plane_type = plgpu.ShapeDtypeStruct((64, 64), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+    plane_type = plgpu.ShapeDtypeStruct((64, 64), jnp.float16 if fp16 else jnp.bfloat16,
+                                        layout=plgpu.Layout.WGMMA)
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
                        return_type=plgpu.ShapeDtypeStruct((512,), f32, layout=consts_layout))
@@ -595,14 +642,15 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
                            return_type=[plane_type] * count)
         def dec(_, q_ref, s_ref, consts):
-            return _decode_step(q_ref, s_ref, consts, pairs_only=pairs_only, raw=raw)
+            return _decode_step(q_ref, s_ref, consts, pairs_only=pairs_only, raw=raw,
+                                fp16=fp16 and raw)
         return dec
 
     def cut_plane(shift, *, raw: bool):
         @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 if raw else 3),
                            return_type=plane_type)
         def cut(_, pairs, *nib):
-            return _plane(pairs, *(nib or (None, None)), shift)
+            return _plane(pairs, *(nib or (None, None)), shift, fp16=fp16 and raw)
         return cut
 
     x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -630,21 +678,26 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     def warpgroup_barrier(_):
         _mgpu()[-1].warpgroup_barrier()
 
-    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, act=swiglu):
-        na, ns, nr = len(accs), len(ss_refs), rs_ref is not None
-        arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 4 + nr)
+    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, act=swiglu,
+              inv_ref=None):
+        na, ns = len(accs), len(ss_refs)
+        extra = [r for r in (rs_ref, inv_ref) if r is not None]
+        arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 4 + len(extra))
 
         @plgpu.inline_mgpu(arg_types=arg_types)
         def _store(_, *args):
-            accs, ss_r, (o_r, lo_r, hi_r, r0_r, *rs_r) = args[:na], args[na:na + ns], args[na + ns:]
-            _store_tile(accs, ss_r, rs_r[0] if rs_r else None, o_r, lo_r, hi_r, r0_r,
-                        bm=block_m, swiglu=act)
+            accs, ss_r, (o_r, lo_r, hi_r, r0_r, *ex) = args[:na], args[na:na + ns], args[na + ns:]
+            rs_r = ex.pop(0) if rs_ref is not None else None
+            inv_r = ex.pop(0) if inv_ref is not None else None
+            _store_tile(accs, ss_r, rs_r, o_r, lo_r, hi_r, r0_r, bm=block_m, swiglu=act,
+                        inv_ref=inv_r)
 
-        _store(*accs, *ss_refs, out_ref, lo_ref, hi_ref, row0_ref, *([rs_ref] if nr else []))
+        _store(*accs, *ss_refs, out_ref, lo_ref, hi_ref, row0_ref, *extra)
 
     def wint2_fragments_matmul(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref,
                                ss_ref, cs_ref, zp_ref, *rest):
         *rest, out_ref = rest
+        inv_ref = rest.pop() if fp16 else None
         xg_ref = rest.pop() if mma == "sync" else None
         rs_ref = rest.pop() if has_rs else None
         jn = jax.lax.axis_index("n")
@@ -668,7 +721,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                 store([vals[i] for i in idx] if vals else [],
                       [ss_refs[i] for i in idx] if vals else [], None if split else rs_ref,
                       cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile],
-                      act=swiglu and not split)
+                      act=swiglu and not split, inv_ref=inv_ref if vals else None)
 
         @pl.when((hi > lo) & (g < num_groups))
         def _compute():
@@ -754,18 +807,45 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         grid_names=("s", "t", "n") if split else ("t", "n"),
         compiler_params=plgpu.CompilerParams(),
     )
+    sums = (group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4),)
     args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
-            *((row_scale,) if has_rs else ()), *((group_sums(x_planes),) if mma == "sync" else ()))
+            *((row_scale,) if has_rs else ()), *(sums if mma == "sync" else ()),
+            *((row_inv,) if fp16 else ()))
     return kernel(*args)
 
 
 
-def group_sums(x_planes):
-    """``160 * X`` fp32 ``[M, K/64]``: each row of plane-ordered x summed over every 64-row scale
-    group of K (column ``64 t + p`` of a 256-wide step is K row ``4 p + t``: group ``p // 16``)."""
+def group_sums(x_planes, plane_offsets=(160.0,) * 4):
+    """``sum_t c_t X_t`` fp32 ``[M, K/64]``: each row of plane-ordered x summed over every 64-row
+    scale group of K (column ``64 t + p`` of a 256-wide step is K row ``4 p + t``: group ``p //
+    16``), plane t's sum weighted by ``c_t``: what the mma.sync path's partial sums exceed
+    ``x @ q`` by. bf16 planes ``128 + w``: ``c_t = 160`` (``q = w - 32``); fp16 planes
+    (``FP16_PLANE_OFFSETS``): 1056 for ``1024 + w``, 1280 for ``1024 + 8 w`` on x / 8."""
     m, k = x_planes.shape
-    xs = x_planes.astype(jnp.float32).reshape(m, k // BLOCK_K, 4, 4, 16).sum(axis=(2, 4))
-    return 160.0 * xs.reshape(m, k // 64)
+    c = jnp.asarray(plane_offsets, jnp.float32)[:, None, None]
+    xs = (x_planes.astype(jnp.float32).reshape(m, k // BLOCK_K, 4, 4, 16) * c).sum(axis=(2, 4))
+    return xs.reshape(m, k // 64)
+
+
+FP16_PLANE_OFFSETS = (1280.0, 1056.0, 1280.0, 1056.0)  # 1024 + 8 * 32, 1024 + 32
+
+
+def fp16_row_scales(x):
+    """``(scale, inverse)`` fp32 ``[M]``: a power of two per row of ``x`` that puts it into fp16's
+    range (``max |x * scale| < 2^14``: exact for every value above fp16's 2^-14 normal floor
+    relative to that), for the ``planes="fp16"`` path; the kernel's epilogue applies the inverse
+    before the activation."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
+    _, e = jnp.frexp(amax)  # amax < 2^e (e = 0 for a zero row)
+    scale = jnp.ldexp(jnp.ones_like(amax), 14 - e)
+    return scale, 1.0 / scale
+
+
+def fp16_plane_columns(x_planes_f32):
+    """Plane-ordered fp32 x -> fp16 with the columns of planes 0 and 2 divided by 8 (exact)."""
+    m, k = x_planes_f32.shape
+    c = jnp.asarray(_F16_X_SCALE, jnp.float32)[:, None]
+    return (x_planes_f32.reshape(m, k // BLOCK_K, 4, 64) * c).reshape(m, k).astype(jnp.float16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -991,11 +1071,18 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     wsf = ws.reshape(-1, n // BLOCK_N, k // BLOCK_K, 128)
     cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
     tiles, src = expert_tiles(group_sizes, m, cfg.block_m, layer=layer, num_layers=num_layers)
+    out_dtype = out_dtype or x.dtype
+    row_inv = None
+    if cfg.planes == "fp16":  # rows scaled into fp16's range, undone in the epilogue
+        scale, row_inv = fp16_row_scales(x)
+        x = x.astype(jnp.float32) * scale[:, None]
     # One gather: the plane order of x's columns, and each group's rows from a block boundary.
     xp = jnp.take(_permute_columns(x, k, BLOCK_K, 4, k_order), src, axis=0)
+    if cfg.planes == "fp16":
+        xp = fp16_plane_columns(xp)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, tiles, rs, activation=activation,
-                         out_dtype=out_dtype or x.dtype, config=cfg, m_out=m)
+                         out_dtype=out_dtype, config=cfg, m_out=m, row_inv=row_inv)
     if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
-        out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype or x.dtype)
+        out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype)
     return out

@@ -68,6 +68,54 @@ def test_group_sums_follow_the_scale_groups_of_k(k_order):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3)
 
 
+def test_fp16_planes_algebra_recovers_x_at_q():
+    """The ``planes="fp16"`` arithmetic, emulated in float64 from the kernel's own pieces: rows
+    scaled by ``fp16_row_scales``, plane columns by ``fp16_plane_columns``, each code pair's
+    windows cut with ``_F16_PLANES`` (shift, mask) under fp16's 0x6400, partial sums minus
+    ``group_sums(..., FP16_PLANE_OFFSETS)``, times the row inverse: exactly ``x @ q`` per scale
+    group. Also: the all-planes PTX cuts the same windows as ``_F16_PLANES``."""
+    km = kernel_mosaic
+    rng = np.random.default_rng(3)
+    m, k = 3, 256  # one K step: 4 planes x 64 byte rows, scale groups of 16 byte rows
+    x = jnp.asarray(rng.standard_normal((m, k)) * np.array([[1e-3], [1.0], [3e4]]),
+                    jnp.bfloat16)  # rows far outside fp16's range get scaled into it
+    codes = rng.integers(0, 1 << 15, size=(2, 64))  # two columns' 15-bit codes, byte rows p
+    scale, inv = km.fp16_row_scales(x)
+    assert float(jnp.max(jnp.abs(x.astype(jnp.float32)) * scale[:, None])) < 2.0 ** 14
+    x_planes = km.fp16_plane_columns(_perm_natural(x.astype(jnp.float32) * scale[:, None]))
+    xp = np.asarray(x_planes, np.float64)
+    corr = np.asarray(km.group_sums(x_planes, km.FP16_PLANE_OFFSETS), np.float64)  # [m, 4]
+    for col in codes:
+        pair = (col[1::2] << 16) | col[0::2]  # byte rows (2j, 2j + 1) in one register
+        parts = np.zeros((m, 4))
+        for t, (shift, mask) in enumerate(km._F16_PLANES):
+            bits = ((pair >> shift) & mask) | 0x64006400
+            a = np.stack([bits & 0xFFFF, bits >> 16], -1).reshape(-1).astype(np.uint16)
+            a = a.view(np.float16).astype(np.float64)  # plane t at byte rows p = 0..63
+            contrib = xp[:, 64 * t:64 * t + 64] * a
+            parts += contrib.reshape(m, 4, 16).sum(-1)
+        got = (parts - corr) * np.asarray(inv, np.float64)[:, None]
+        q = np.stack([((col >> s) & 63) - 32 for s in (9, 6, 3, 0)])  # [plane t, p]
+        xn = np.asarray(x, np.float64)
+        want = np.stack([sum(xn[:, 4 * p + t] * q[t, p] for t in range(4) for p in range(16 * g,
+                                                                                   16 * g + 16))
+                         for g in range(4)], -1)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(xn).max())
+    text = km._RAW_PLANES_F16_ASM
+    masks = {"m1": 0x003F003F, "m8": 0x01F801F8}
+    for t, (shift, mask) in enumerate(km._F16_PLANES):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"lop3.b32 ${t},"))
+        src, msk = line.split(",")[1].strip(), line.split(",")[2].strip()
+        assert (src == "w") == (shift == 6) and masks[msk] == mask, line
+    assert "shr.b32 w, c, 6;" in text
+
+
+def _perm_natural(x):
+    from pallas_kernels.kernels import _permute_columns
+
+    return _permute_columns(x, x.shape[1], kernel_mosaic.BLOCK_K, 4, "natural")
+
+
 def test_fragment_scales_hold_each_threads_rows():
     k, n = 512, 128
     ws = np.random.default_rng(1).integers(0, 256, (1, k // 128, n), dtype=np.uint8)
@@ -140,6 +188,8 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         MosaicConfig(block_m=80, mma="sync")
     with pytest.raises(ValueError, match="mma='mma'"):
         MosaicConfig(block_m=8, mma="mma")
+    with pytest.raises(ValueError, match="planes='fp16' needs mma='sync'"):
+        MosaicConfig(block_m=8, planes="fp16")
 
 
 @pytest.mark.skipif(ON_SM90, reason="on sm90 the kernel runs")
@@ -198,6 +248,15 @@ GPU_CASES = [
          col_blocks=2, mma="sync", seed=19),
     dict(k=512, n=256, e=3, m=24, row_scale=True, k_order="shuffled", block_m=8,
          mma="sync", seed=20),
+    # fp16 planes (one shift a code pair; x scaled per row into fp16's range)
+    dict(k=512, n=256, e=3, m=16, activation="swiglu", block_m=8, mma="sync", planes="fp16",
+         seed=21),
+    dict(k=1024, n=512, e=4, m=40, activation="swiglu", row_scale=True, block_m=16,
+         schedule="one", mma="sync", planes="fp16", seed=22),
+    dict(k=512, n=256, e=4, m=40, activation="swiglu", layers=2, layer=1, block_m=8,
+         split_k=2, mma="sync", planes="fp16", seed=23),
+    dict(k=768, n=256, e=3, m=24, row_scale=True, k_order="shuffled", block_m=8, mma="sync",
+         planes="fp16", seed=24),
 ]
 
 
@@ -208,7 +267,8 @@ def _parse(case: dict) -> types.SimpleNamespace:
                                                schedule=c.pop("schedule", "all"),
                                                split_k=c.pop("split_k", 1),
                                                col_blocks=c.pop("col_blocks", 1),
-                                               mma=c.pop("mma", "wgmma"))
+                                               mma=c.pop("mma", "wgmma"),
+                                               planes=c.pop("planes", "bf16"))
     out = types.SimpleNamespace(
         k=c.pop("k"), n=c.pop("n"), e=c.pop("e"), m=c.pop("m"), seed=c.pop("seed", 0),
         layers=c.pop("layers", None), layer=c.pop("layer", None),
@@ -273,7 +333,7 @@ def test_kernel_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("mma", ["wgmma", "sync"])
+@pytest.mark.parametrize("mma", ["wgmma", "sync", "sync-fp16"])
 def test_kernel_decode_is_exact_through_one_hot_rows(mma):
     """x = I reads back the weights. wgmma: bf16(bf16(q * nib) * super_scale), the documented
     rounding of the nibble folded into the bf16 weight; mma.sync (each scale group's partial
@@ -286,10 +346,12 @@ def test_kernel_decode_is_exact_through_one_hot_rows(mma):
     q_nib = dequantize_wint2(leaves[0], leaves[1], np.ones_like(leaves[2]), *leaves[3:])
     want = (np.asarray(q_nib, np.float32) * leaves[2].astype(np.float32)[None, :])
     want = np.asarray(jnp.asarray(want).astype(jnp.bfloat16).astype(jnp.float32))
-    if mma == "sync":
+    if mma != "wgmma":
         assert (want != exact).any()  # the two roundings differ on this data
         want = exact
+    mma, _, planes = mma.partition("-")
     got = kernel_mosaic.grouped_matmul_fragments(
         jnp.eye(k, dtype=jnp.bfloat16), pallas_kernels.to_fragments(w),
-        jnp.asarray([k], jnp.int32), config=MosaicConfig(block_m=16, mma=mma))
+        jnp.asarray([k], jnp.int32),
+        config=MosaicConfig(block_m=16, mma=mma, planes=planes or "bf16"))
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
