@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from . import kernel_mosaic, kernels, shapes
-from .config import TuningConfig
+from .config import MOSAIC_MMAS, MOSAIC_PLANES, TuningConfig
 
 
 def main(argv=None) -> None:
@@ -43,9 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--split-k", type=int, default=None, help="mosaic: K split")
     p.add_argument("--col-blocks", type=int, default=None,
                    help="mosaic: 64-column output blocks per program")
-    p.add_argument("--mma", choices=("wgmma", "sync"), default=None,
+    p.add_argument("--mma", choices=MOSAIC_MMAS, default=None,
                    help="mosaic: tensor-core instruction (default: tuned, else the heuristic)")
-    p.add_argument("--planes", choices=("bf16", "fp16"), default=None,
+    p.add_argument("--planes", choices=MOSAIC_PLANES, default=None,
                    help="mosaic, with --mma sync: operand type of the decoded planes")
     a = p.parse_args(argv)
     cfg = None

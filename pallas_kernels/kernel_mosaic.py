@@ -807,10 +807,10 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         grid_names=("s", "t", "n") if split else ("t", "n"),
         compiler_params=plgpu.CompilerParams(),
     )
-    sums = (group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4),)
+    sums = () if mma != "sync" else (
+        group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4),)
     args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
-            *((row_scale,) if has_rs else ()), *(sums if mma == "sync" else ()),
-            *((row_inv,) if fp16 else ()))
+            *((row_scale,) if has_rs else ()), *sums, *((row_inv,) if fp16 else ()))
     return kernel(*args)
 
 

@@ -59,11 +59,9 @@ def test_fragment_bytes_follow_the_wgmma_register_fragment():
 def test_group_sums_follow_the_scale_groups_of_k(k_order):
     """The mma.sync path's ``160 X``: x summed over each 64-row scale group of K, read from the
     plane-ordered (and, for a shuffled checkpoint, un-shuffled) columns the kernel gets."""
-    from pallas_kernels.kernels import _permute_columns
-
     m, k = 5, 768
     x = jax.random.normal(jax.random.key(4), (m, k), jnp.float32).astype(jnp.bfloat16)
-    got = kernel_mosaic.group_sums(_permute_columns(x, k, kernel_mosaic.BLOCK_K, 4, k_order))
+    got = kernel_mosaic.group_sums(_plane_ordered(x, k_order))
     want = 160.0 * np.asarray(x, np.float32).reshape(m, k // 64, 64).sum(-1)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3)
 
@@ -82,7 +80,7 @@ def test_fp16_planes_algebra_recovers_x_at_q():
     codes = rng.integers(0, 1 << 15, size=(2, 64))  # two columns' 15-bit codes, byte rows p
     scale, inv = km.fp16_row_scales(x)
     assert float(jnp.max(jnp.abs(x.astype(jnp.float32)) * scale[:, None])) < 2.0 ** 14
-    x_planes = km.fp16_plane_columns(_perm_natural(x.astype(jnp.float32) * scale[:, None]))
+    x_planes = km.fp16_plane_columns(_plane_ordered(x.astype(jnp.float32) * scale[:, None]))
     xp = np.asarray(x_planes, np.float64)
     corr = np.asarray(km.group_sums(x_planes, km.FP16_PLANE_OFFSETS), np.float64)  # [m, 4]
     for col in codes:
@@ -110,10 +108,11 @@ def test_fp16_planes_algebra_recovers_x_at_q():
     assert "shr.b32 w, c, 6;" in text
 
 
-def _perm_natural(x):
+def _plane_ordered(x, k_order="natural"):
+    """x's columns in the kernel's plane order (what ``grouped_matmul_fragments`` feeds it)."""
     from pallas_kernels.kernels import _permute_columns
 
-    return _permute_columns(x, x.shape[1], kernel_mosaic.BLOCK_K, 4, "natural")
+    return _permute_columns(x, x.shape[1], kernel_mosaic.BLOCK_K, 4, k_order)
 
 
 def test_fragment_scales_hold_each_threads_rows():
