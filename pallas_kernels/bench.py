@@ -438,7 +438,8 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
     also 2 column blocks a program (half the x traffic from L2), 4 for the plain projection
     (one accumulator a block: SwiGLU's 8 would not fit the registers); up to 16-row tiles
     each also with per-warp ``mma.sync`` instead of wgmma (it lost from 16 rows an expert in
-    the session-7 A/B, by 45 % at 48-row tiles: results/NOTES.md §37)."""
+    the session-7 A/B, by 45 % at 48-row tiles: results/NOTES.md §37), on bf16 and on fp16
+    planes (§43)."""
     bm0 = kernel_mosaic.block_m_for(rows, experts)
     heights = {b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}
     if max_rows:  # ceil(max_rows / k) rounded up to a multiple of 8
@@ -447,11 +448,13 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
     for bm in sorted(heights):
         splits = [s for s in (1, 2, 4) if ksteps % s == 0] if bm == 8 else [1]
         col_blocks = ((1, 2) if activation == "swiglu" else (1, 2, 4)) if bm >= 32 else (1,)
-        mmas = ("wgmma", "sync") if bm <= 16 else ("wgmma",)
-        for sched, st, split, cb, mma in itertools.product(("all", "one"), stages, splits,
-                                                           col_blocks, mmas):
+        mmas = [("wgmma", "bf16")]
+        if bm <= 16:
+            mmas += [("sync", planes) for planes in config_lib.MOSAIC_PLANES]
+        for sched, st, split, cb, (mma, planes) in itertools.product(
+                ("all", "one"), stages, splits, col_blocks, mmas):
             yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched, split_k=split,
-                                          col_blocks=cb, mma=mma)
+                                          col_blocks=cb, mma=mma, planes=planes)
 
 
 def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:

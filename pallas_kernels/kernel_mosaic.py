@@ -55,7 +55,7 @@ that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows cost
 i.e. one decode of its weights, where the Triton kernel's fixed row blocks cost two for every
 expert that straddles a block boundary). Program ``(t, j)`` (one warpgroup) computes ``64 *
 col_blocks`` output columns (and their up-projection partners under SwiGLU) for x block t,
-one fp32 accumulator per 64 columns, all fed by the same x tile, and stores the rows ``[lo,
+one fp32 accumulator per 64 columns, all fed by the same x tile, and stores the rows ``[row0,
 hi)`` of its expert with per-element masked stores. The K loop is ``emit_pipeline`` (TMA into
 shared memory, 2 stages: x tile, byte chunks, scale chunks). Its schedule (``SCHEDULES``): decode
 all 4 planes of a step, issue their wgmmas, wait; or cut planes one at a time with one wgmma in
@@ -525,9 +525,9 @@ def _consts_regs(cs_ref, zp_ref):
                               _is_signed=None)
 
 
-def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm: int,
+def _store_tile(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, bm: int,
                 swiglu: bool, inv_ref=None):
-    """Inside ``inline_mgpu``: scale, activate and store rows ``[lo, hi)`` of the transposed tile.
+    """Inside ``inline_mgpu``: scale, activate and store rows ``[row0, hi)`` of the transposed tile.
 
     ``accs``: fp32 ``[64, bm]`` WGMMA-layout accumulators (one, or gate and up; none: a padding
     tile, zeros); element (n, m) goes to ``out[row0 + m, n]`` (``out`` is the program's 64
@@ -542,13 +542,15 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
     _, lane, r = _thread_rows()
     c2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
     load0 = lambda ref: memref.load(ref, [arith.constant(index, 0)])  # noqa: E731
-    lo, hi, row0 = load0(lo_ref), load0(hi_ref), load0(row0_ref)
+    row0, hi = load0(row0_ref), load0(hi_ref)
+    last = arith.subi(hi, mu.c(1, i32))  # per-row loads clamped: rows past hi are never stored
     for i in range(2):
         n = arith.addi(r, mu.c(8 * i, i32))
         ss = [memref.load(ref, [arith.index_cast(index, n)]) for ref in ss_refs]
         for jj in range(bm // 8):
             for e in range(2):
                 m = arith.addi(row0, arith.addi(mu.c(8 * jj + e, i32), c2))
+                m_in = arith.index_cast(index, arith.minsi(m, last))
                 if not accs:
                     y = arith.constant(f32, 0.0)
                 else:
@@ -556,10 +558,8 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
                                            dynamic_position=[], static_position=[e])
                             for a in accs]
                     vals = [arith.mulf(v, s) for v, s in zip(vals, ss, strict=True)]
-                    if inv_ref is not None:  # clamped: rows past hi are never stored
-                        mi = arith.minsi(m, arith.subi(hi, mu.c(1, i32)))
-                        inv = memref.load(inv_ref, [arith.index_cast(index, mi)])
-                        vals = [arith.mulf(v, inv) for v in vals]
+                    if inv_ref is not None:
+                        vals = [arith.mulf(v, memref.load(inv_ref, [m_in])) for v in vals]
                     if swiglu:
                         g, u = vals
                         one = arith.constant(f32, 1.0)
@@ -568,10 +568,8 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, bm:
                     else:
                         y = vals[0]
                     if rs_ref is not None:
-                        y = arith.mulf(y, memref.load(rs_ref, [arith.index_cast(index, m)]))
-                ok = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, m, lo),
-                                arith.cmpi(arith.CmpIPredicate.slt, m, hi))
-                with mu.when(ok):
+                        y = arith.mulf(y, memref.load(rs_ref, [m_in]))
+                with mu.when(arith.cmpi(arith.CmpIPredicate.slt, m, hi)):
                     memref.store(arith.truncf(bf16, y) if out_ref.type.element_type == bf16
                                  else y, out_ref,
                                  [arith.index_cast(index, m), arith.index_cast(index, n)])
@@ -581,9 +579,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                    config: MosaicConfig, m_out: int | None = None, row_inv=None):
     """Run the Mosaic kernel on plane-permuted x (``bk = 256``) and fragment weights.
 
-    ``tiles``: ``(group, block, lo, hi, row0)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t
-    reads the ``config.block_m`` rows of x block ``block`` and writes output rows ``[lo, hi)``,
-    the first of them ``row0``. ``m_out``: the output's rows (default: x's).
+    ``tiles``: ``(group, row0, hi)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t reads
+    the ``config.block_m`` rows of x block ``t`` and writes output rows ``[row0, hi)``.
+    ``m_out``: the output's rows (default: x's).
     ``qwf [G, N/64, K/256, 16, 256]`` / ``wsf [G, N/64, K/256, 128]``: :func:`fragment_weights`,
     :func:`fragment_scales`; ``ss, cs, zp`` fp32 ``[G, N]``. Tiles of group ``>= G``: padding.
     ``split_k > 1``: programs ``s`` of a third grid axis take K steps ``[s, s + 1) * K/256/split_k``
@@ -619,7 +617,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     if (n_out // BLOCK_N) % col_blocks:
         raise NotImplementedError(f"N_out/64 = {n_out // BLOCK_N} column blocks must divide into "
                                   f"col_blocks={col_blocks}")
-    grp, blk, lo_t, hi_t, row0_t = tiles
+    grp, row0_t, hi_t = tiles
     m_out = m if m_out is None else m_out
     num_tiles = grp.shape[0]
     out_blocks = n_out // BLOCK_N
@@ -678,24 +676,22 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     def warpgroup_barrier(_):
         _mgpu()[-1].warpgroup_barrier()
 
-    def store(accs, ss_refs, rs_ref, out_ref, lo_ref, hi_ref, row0_ref, *, act=swiglu,
-              inv_ref=None):
+    def store(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, act=swiglu, inv_ref=None):
         na, ns = len(accs), len(ss_refs)
         extra = [r for r in (rs_ref, inv_ref) if r is not None]
-        arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 4 + len(extra))
+        arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 3 + len(extra))
 
         @plgpu.inline_mgpu(arg_types=arg_types)
         def _store(_, *args):
-            accs, ss_r, (o_r, lo_r, hi_r, r0_r, *ex) = args[:na], args[na:na + ns], args[na + ns:]
+            accs, ss_r, (o_r, r0_r, hi_r, *ex) = args[:na], args[na:na + ns], args[na + ns:]
             rs_r = ex.pop(0) if rs_ref is not None else None
             inv_r = ex.pop(0) if inv_ref is not None else None
-            _store_tile(accs, ss_r, rs_r, o_r, lo_r, hi_r, r0_r, bm=block_m, swiglu=act,
-                        inv_ref=inv_r)
+            _store_tile(accs, ss_r, rs_r, o_r, r0_r, hi_r, bm=block_m, swiglu=act, inv_ref=inv_r)
 
-        _store(*accs, *ss_refs, out_ref, lo_ref, hi_ref, row0_ref, *extra)
+        _store(*accs, *ss_refs, out_ref, row0_ref, hi_ref, *extra)
 
-    def wint2_fragments_matmul(grp_ref, blk_ref, lo_ref, hi_ref, row0_ref, x_ref, qw_ref, ws_ref,
-                               ss_ref, cs_ref, zp_ref, *rest):
+    def wint2_fragments_matmul(grp_ref, row0_ref, hi_ref, x_ref, qw_ref, ws_ref, ss_ref, cs_ref,
+                               zp_ref, *rest):
         *rest, out_ref = rest
         inv_ref = rest.pop() if fp16 else None
         xg_ref = rest.pop() if mma == "sync" else None
@@ -703,8 +699,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         jn = jax.lax.axis_index("n")
         t = jax.lax.axis_index("t")
         k0 = jax.lax.axis_index("s") * ksteps_s if split else 0
-        g, b = grp_ref[t], blk_ref[t]
-        lo, hi = lo_ref[t], hi_ref[t]
+        g, lo, hi = grp_ref[t], row0_ref[t], hi_ref[t]
         tile = pl.ds(t, 1)
         obs = [col_blocks * jn + i for i in range(col_blocks)]  # the program's output blocks
         nbs = [ob + h * out_blocks for ob in obs for h in range(halves)]  # weight blocks / accs
@@ -720,8 +715,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             for cols, idx in targets:
                 store([vals[i] for i in idx] if vals else [],
                       [ss_refs[i] for i in idx] if vals else [], None if split else rs_ref,
-                      cols, lo_ref.at[tile], hi_ref.at[tile], row0_ref.at[tile],
-                      act=swiglu and not split, inv_ref=inv_ref if vals else None)
+                      cols, row0_ref.at[tile], hi_ref.at[tile], act=swiglu and not split,
+                      inv_ref=inv_ref if vals else None)
 
         @pl.when((hi > lo) & (g < num_groups))
         def _compute():
@@ -754,7 +749,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                 warpgroup_barrier()
                 return tuple(accs)
 
-            x_spec = plgpu.BlockSpec((block_m, BLOCK_K), lambda kk: (b, k0 + kk),
+            x_spec = plgpu.BlockSpec((block_m, BLOCK_K), lambda kk: (t, k0 + kk),
                                      transforms=x_transforms)
             w_specs = []
             for nb in nbs:
@@ -766,7 +761,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             ss_refs = [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
 
             if mma == "sync":  # accumulators in registers, carried through the pipeline
-                xg_spec = plgpu.BlockSpec((block_m, 4), lambda kk: (b, k0 + kk))
+                xg_spec = plgpu.BlockSpec((block_m, 4), lambda kk: (t, k0 + kk))
                 vals = plgpu.emit_pipeline(
                     step_sync, grid=(ksteps_s,), in_specs=[x_spec, *w_specs, xg_spec],
                     max_concurrent_steps=stages,
@@ -809,7 +804,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     )
     sums = () if mma != "sync" else (
         group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4),)
-    args = (grp, blk, lo_t, hi_t, row0_t, x_planes, qwf, wsf, ss, cs, zp,
+    args = (grp, row0_t, hi_t, x_planes, qwf, wsf, ss, cs, zp,
             *((row_scale,) if has_rs else ()), *sums, *((row_inv,) if fp16 else ()))
     return kernel(*args)
 
@@ -1025,11 +1020,14 @@ def heuristic_config(m: int, groups: int, activation=None, *,
     no K split (it won only for the 300B up_gate at one token: split 4, 109 -> 101 µs, and lost
     for the 21B under "one", 34 -> 51 µs; the table holds it where it wins); per-warp
     ``mma.sync`` at 8-row tiles (300B at 1 and 16 tokens: 3.5-4.7 % faster than wgmma; from
-    16-row tiles of 8+ rows an expert it lost, ``results/NOTES.md`` §37)."""
+    16-row tiles of 8+ rows an expert it lost, ``results/NOTES.md`` §37), with fp16 planes (300B
+    at 1 / 4 / 16 tokens: up_gate 103 -> 91, 245 -> 228, 504 -> 497 µs; down 70 -> 59, 143 ->
+    134, 282 -> 262: §43)."""
     bm = block_m_for(m, groups)
     wide = _rows_per_expert(m, groups) >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(activation),
-                        col_blocks=2 if wide else 1, mma="sync" if bm == 8 else "wgmma")
+                        col_blocks=2 if wide else 1, mma="sync" if bm == 8 else "wgmma",
+                        planes="fp16" if bm == 8 else "bf16")
 
 
 def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:

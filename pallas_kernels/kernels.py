@@ -130,7 +130,7 @@ def _fold_layer(grp: jax.Array, e: int, layer, num_layers: int) -> jax.Array:
 
 def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
                  num_layers: int = 1) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """Tiles that start at their group's first row: ``(group, block, lo, hi, row0)``, ``src``.
+    """Tiles that start at their group's first row: ``(group, row0, hi)``, ``src``.
 
     :func:`tile_table` cuts the sorted rows at fixed ``bm``-row boundaries, so a group of ``r``
     rows straddling one costs two tiles, and every tile decodes its group's whole weight
@@ -139,12 +139,13 @@ def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
     group (64 at 256 tokens). The rows are laid out again for it: padded row ``p`` of block ``t``
     (``t * bm <= p < t * bm + bm``) holds sorted row ``src[p]``, so tile ``t`` reads x block
     ``t`` and writes sorted rows ``[lo, hi)`` of the output, the first of them ``row0`` (the
-    block's rows past ``hi`` repeat others and are not stored).
+    block's rows past ``hi`` repeat others and are not stored). Tile ``t``'s x block is ``t``
+    and its first row ``row0``, so neither a block index nor a ``lo`` is returned.
 
     Returns int32 ``[T]`` each, ``T = m // bm + min(E + 1, m)`` (a bound on the tiles: each
     non-empty group, the padding group included, adds at most one partial tile), and ``src``
     int32 ``[T * bm]``. Rows past ``sum(group_sizes)`` form group ``E`` (written as zeros);
-    unused trailing tiles have ``lo == hi``. ``layer``: as :func:`tile_table`.
+    unused trailing tiles have ``row0 == hi``. ``layer``: as :func:`tile_table`.
     """
     e = group_sizes.shape[0]
     starts, ends = _group_bounds(group_sizes, m)
@@ -157,7 +158,7 @@ def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
     zero = jnp.zeros_like(t)
     row0, hi, grp = (jnp.where(valid, a, zero) for a in (row0, hi, grp))
     src = jnp.minimum(row0[:, None] + jnp.arange(bm, dtype=jnp.int32), m - 1).reshape(-1)
-    return (_fold_layer(grp, e, layer, num_layers), t, row0, hi, row0), src
+    return (_fold_layer(grp, e, layer, num_layers), row0, hi), src
 
 
 def pl_cdiv(a: int, b: int) -> int:

@@ -51,7 +51,8 @@ def test_mosaic_candidates_follow_the_shape():
     assert {c.block_m for c in one_token} == {8, 16}
     assert {c.split_k for c in one_token if c.block_m == 8} == {1, 2, 4}
     assert all(c.split_k == 1 for c in one_token if c.block_m == 16)
-    assert {c.mma for c in one_token if c.block_m == 16} == {"wgmma", "sync"}
+    assert {(c.mma, c.planes) for c in one_token if c.block_m == 16} == {
+        ("wgmma", "bf16"), ("sync", "bf16"), ("sync", "fp16")}
     odd_k = list(bench._mosaic_candidates(6, 64, 5, None))  # 5 K steps: no split divides but 1
     assert {c.split_k for c in odd_k} == {1}
     many = list(bench._mosaic_candidates(8192, 64, 14, None))  # 300B down, 1024 tokens

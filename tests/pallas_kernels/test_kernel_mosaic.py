@@ -176,7 +176,8 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         config._tuned_table.cache_clear()
     wide = kernel_mosaic.heuristic_config(8192, 64, None, n_out=8192)  # 128 rows an expert
     assert wide.block_m == 64 and wide.col_blocks == 2 and wide.mma == "wgmma"
-    assert kernel_mosaic.heuristic_config(8, 64, "swiglu").mma == "sync"  # 8-row tiles
+    eight = kernel_mosaic.heuristic_config(8, 64, "swiglu")  # 8-row tiles
+    assert (eight.mma, eight.planes) == ("sync", "fp16")
     assert kernel_mosaic.heuristic_config(8192, 64, None, n_out=192).col_blocks == 1  # 3 blocks
     assert kernel_mosaic.heuristic_config(2048, 64, None, n_out=8192).col_blocks == 1
     with pytest.raises(ValueError, match="block_m=12"):

@@ -87,17 +87,16 @@ def test_tile_table_covers_every_row_once(sizes, m, bm):
                                         # the bound m // bm + min(E + 1, m) is reached:
                                         ([1] * 7, 8, 16), ([9, 9], 20, 8)])
 def test_expert_tiles_start_each_group_and_cover_every_row_once(sizes, m, bm):
-    (grp, blk, lo, hi, row0), src = (
+    (grp, lo, hi), src = (
         jax.tree.map(np.asarray, kernels.expert_tiles(jnp.asarray(sizes), m, bm)))
     num_tiles = m // bm + min(len(sizes) + 1, m)
     assert len(grp) == num_tiles and src.shape == (num_tiles * bm,)
-    np.testing.assert_array_equal(blk, np.arange(num_tiles))
     starts = np.concatenate([[0], np.cumsum(sizes)])
     owner = np.full(m, -1)
-    for t, (g, a, z, r0) in enumerate(zip(grp, lo, hi, row0, strict=True)):
+    for t, (g, a, z) in enumerate(zip(grp, lo, hi, strict=True)):
         if z <= a:
             continue
-        assert a == r0 and z - a <= bm
+        assert z - a <= bm
         assert (owner[a:z] == -1).all()
         owner[a:z] = g
         if g < len(sizes):  # a real group's tile starts at its first row or bm rows later
@@ -111,7 +110,7 @@ def test_expert_tiles_start_each_group_and_cover_every_row_once(sizes, m, bm):
 
 
 def test_expert_tiles_fold_layers_into_group_ids():
-    (grp, _, lo, hi, _), _ = kernels.expert_tiles(jnp.asarray([2, 0, 3]), 8, 4, layer=2,
+    (grp, lo, hi), _ = kernels.expert_tiles(jnp.asarray([2, 0, 3]), 8, 4, layer=2,
                                                   num_layers=3)
     used = np.asarray(grp)[np.asarray(hi) > np.asarray(lo)]
     np.testing.assert_array_equal(used, [6, 8, 9])  # layer 2's groups 0, 2; padding past all
