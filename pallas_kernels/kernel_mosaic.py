@@ -837,10 +837,20 @@ def fp16_row_scales(x):
 
 
 def fp16_plane_columns(x_planes_f32):
-    """Plane-ordered fp32 x -> fp16 with the columns of planes 0 and 2 divided by 8 (exact)."""
+    """Plane-ordered fp32 x -> fp16 with the columns of planes 0 and 2 divided by 8.
+
+    The rounding to fp16 is stated with ``reduce_precision`` before the cast. Under ``jit``,
+    XLA's default ``xla_allow_excess_precision`` may drop the pair ``f32 -> f16 -> f32`` in
+    :func:`group_sums` and sum the unrounded values, which no longer cancel against the
+    kernel's partial sums (1 % error on the H100 where x came from XLA's split-K epilogue,
+    ``results/NOTES.md`` §43); ``reduce_precision`` is never removed. It flushes fp16
+    subnormals to zero (values under 2^-14, at most 2^-28 of the row's largest after
+    :func:`fp16_row_scales`): the kernel and the sums both get the flushed values.
+    """
     m, k = x_planes_f32.shape
     c = jnp.asarray(_F16_X_SCALE, jnp.float32)[:, None]
-    return (x_planes_f32.reshape(m, k // BLOCK_K, 4, 64) * c).reshape(m, k).astype(jnp.float16)
+    x = (x_planes_f32.reshape(m, k // BLOCK_K, 4, 64) * c).reshape(m, k)
+    return jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10).astype(jnp.float16)
 
 
 # --------------------------------------------------------------------------------------------
