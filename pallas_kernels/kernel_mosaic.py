@@ -45,10 +45,11 @@ the weights: the planes are ``128 + w`` straight from the ``lop3`` (no bf16x2 fm
 expansion), every group accumulates its own fp32 partial sums ``P``, and ``acc += nib * (P -
 160 X)`` with ``X`` x summed over the group (:func:`group_sums`). ``q * nib`` is then never
 rounded to bf16: x = I reads back the format's ``bf16(q * nib * super_scale)`` exactly.
-``planes="fp16"`` (written 2026-11-22, lowered and emulated on a CPU, **not yet run on a GPU**;
-nothing selects it until it is measured): fp16 operands, whose 10-bit mantissa takes a window
-at bit 0 or 3, so one shift cuts two planes (``_F16_PLANES``); x is scaled per row into fp16's
-range (:func:`fp16_row_scales`, undone in the epilogue) and the x8 planes' columns by 1/8.
+``planes="fp16"`` (the heuristic's choice at 8-row tiles; 300B at 1 token: up_gate 103 -> 91
+µs, down 70 -> 59, ``results/NOTES.md`` §43): fp16 operands, whose 10-bit mantissa takes a
+window at bit 0 or 3, so one shift cuts two planes (``_F16_PLANES``); x is scaled per row into
+fp16's range (:func:`fp16_row_scales`, undone in the epilogue) and the x8 planes' columns by
+1/8, its fp16 rounding stated with ``reduce_precision`` (:func:`fp16_plane_columns`).
 
 Tiles start at their expert's first row (``kernels.expert_tiles``: x's rows are gathered so
 that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows costs one tile,
