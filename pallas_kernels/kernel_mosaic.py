@@ -49,7 +49,7 @@ rounded to bf16: x = I reads back the format's ``bf16(q * nib * super_scale)`` e
 µs, down 70 -> 59, ``results/NOTES.md`` §43): fp16 operands, whose 10-bit mantissa takes a
 window at bit 0 or 3, so one shift cuts two planes (``_F16_PLANES``); x is scaled per row into
 fp16's range (:func:`fp16_row_scales`, undone in the epilogue) and the x8 planes' columns by
-1/8, its fp16 rounding stated with ``reduce_precision`` (:func:`fp16_plane_columns`).
+1/8, its fp16 rounding stated with ``reduce_precision`` (:func:`fp16_plane_columns`, §44).
 
 Tiles start at their expert's first row (``kernels.expert_tiles``: x's rows are gathered so
 that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows costs one tile,
@@ -700,7 +700,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         jn = jax.lax.axis_index("n")
         t = jax.lax.axis_index("t")
         k0 = jax.lax.axis_index("s") * ksteps_s if split else 0
-        g, lo, hi = grp_ref[t], row0_ref[t], hi_ref[t]
+        g, row0, hi = grp_ref[t], row0_ref[t], hi_ref[t]
         tile = pl.ds(t, 1)
         obs = [col_blocks * jn + i for i in range(col_blocks)]  # the program's output blocks
         nbs = [ob + h * out_blocks for ob in obs for h in range(halves)]  # weight blocks / accs
@@ -719,7 +719,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                       cols, row0_ref.at[tile], hi_ref.at[tile], act=swiglu and not split,
                       inv_ref=inv_ref if vals else None)
 
-        @pl.when((hi > lo) & (g < num_groups))
+        @pl.when((hi > row0) & (g < num_groups))
         def _compute():
             consts = [load_consts(cs_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)],
                                   zp_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]) for nb in nbs]
@@ -787,7 +787,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
             pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
 
-        @pl.when((hi > lo) & (g >= num_groups))
+        @pl.when((hi > row0) & (g >= num_groups))
         def _padding():
             store_tile([], [])
 
@@ -844,7 +844,7 @@ def fp16_plane_columns(x_planes_f32):
     XLA's default ``xla_allow_excess_precision`` may drop the pair ``f32 -> f16 -> f32`` in
     :func:`group_sums` and sum the unrounded values, which no longer cancel against the
     kernel's partial sums (1 % error on the H100 where x came from XLA's split-K epilogue,
-    ``results/NOTES.md`` §43); ``reduce_precision`` is never removed. It flushes fp16
+    ``results/NOTES.md`` §44); ``reduce_precision`` is never removed. It flushes fp16
     subnormals to zero (values under 2^-14, at most 2^-28 of the row's largest after
     :func:`fp16_row_scales`): the kernel and the sums both get the flushed values.
     """

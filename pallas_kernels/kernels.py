@@ -138,9 +138,8 @@ def expert_tiles(group_sizes: jax.Array, m: int, bm: int, *, layer=None,
     94 tiles for 64 experts). Here every group's rows start a new tile: ``ceil(r / bm)`` tiles a
     group (64 at 256 tokens). The rows are laid out again for it: padded row ``p`` of block ``t``
     (``t * bm <= p < t * bm + bm``) holds sorted row ``src[p]``, so tile ``t`` reads x block
-    ``t`` and writes sorted rows ``[lo, hi)`` of the output, the first of them ``row0`` (the
-    block's rows past ``hi`` repeat others and are not stored). Tile ``t``'s x block is ``t``
-    and its first row ``row0``, so neither a block index nor a ``lo`` is returned.
+    ``t`` and writes sorted rows ``[row0, hi)`` of the output (the block's rows past ``hi``
+    repeat others and are not stored): unlike :func:`tile_table`, no block index or ``lo``.
 
     Returns int32 ``[T]`` each, ``T = m // bm + min(E + 1, m)`` (a bound on the tiles: each
     non-empty group, the padding group included, adds at most one partial tile), and ``src``

@@ -70,8 +70,9 @@ def test_fp16_group_sums_add_the_fp16_values_under_jit():
     """The fp16 path's group sums must add exactly the fp16 values the kernel multiplies. Under
     ``jit`` XLA's default ``xla_allow_excess_precision`` may drop a convert pair (f32 -> f16 ->
     f32) and sum the unrounded f32 values instead: seen on the H100 as a 1 % error of the 300B
-    FFN where x came from XLA's split-K epilogue (results/NOTES.md §43); XLA's CPU backend drops
-    the pair too. Each offset (~1056) times a 2^-11 rounding error would not cancel."""
+    FFN where x came from XLA's split-K epilogue (results/NOTES.md §44). XLA's CPU backend kept
+    the pair here even before the fix, so on a CPU this only guards the sums' arithmetic; the
+    GPU test ``test_fp16_planes_take_x_computed_in_the_same_jit`` is the one that reproduces it."""
     km = kernel_mosaic
     m, k = 4, 512
     v = jax.random.normal(jax.random.key(5), (m, k), jnp.float32) * 1000.0  # not fp16 values
@@ -354,7 +355,7 @@ def test_kernel_matches_reference(case):
 @pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
 def test_fp16_planes_take_x_computed_in_the_same_jit():
     """x made by XLA in the same ``jit`` (here f32 -> bf16): XLA may skip x's bf16 rounding, and
-    the fp16 path must then still multiply and sum the same values (results/NOTES.md §43)."""
+    the fp16 path must then still multiply and sum the same values (results/NOTES.md §44)."""
     k, n, e, m = 1024, 256, 3, 16
     w = _rand_linear(k, n, e, seed=31)
     v = jax.random.normal(jax.random.key(31), (m, k), jnp.float32)
