@@ -229,15 +229,11 @@ lop3.b32 $2, c, m8, mg, 0xEA;
 lop3.b32 $3, c, m1, mg, 0xEA;
 }"""
 
-_RAW_PLANE_F16_ASM = """{{
-.reg .b32 w, msk, mgh;
-mov.b32 msk, {mask}; mov.b32 mgh, 0x64006400;
-{shift}lop3.b32 $0, w, msk, mgh, 0xEA;
-}}"""
-
+# One plane without the group scale: ``(w >> shift) & mask | magic`` (bf16: mask 0x003F003F under
+# 0x4300, 128 + w; fp16: ``_F16_PLANES`` under 0x6400).
 _RAW_PLANE_ASM = """{{
 .reg .b32 w, msk, mgh;
-mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+mov.b32 msk, {mask}; mov.b32 mgh, {magic};
 {shift}lop3.b32 $0, w, msk, mgh, 0xEA;
 }}"""
 
@@ -292,6 +288,18 @@ def _asm(llvm, ir, text, constraints, args, n_out):
     return [llvm.extractvalue(i32, struct, [k]) for k in range(n_out)]
 
 
+def _scale_word(s_smem, tid):
+    """Inside ``inline_mgpu``: the 32-bit scale word of thread ``tid``'s quad in a step's scale
+    chunk (:func:`fragment_scales`): byte ``2 i + srow`` = (row half i, scale row srow)."""
+    ir, arith, gpu, llvm, memref, vector, *_, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    soff = arith.muli(arith.divui(tid, mu.c(4, i32)), mu.c(4, i32))
+    sv = vector.load(ir.VectorType.get((4,), ir.IntegerType.get_signless(8)), s_smem,
+                     [arith.index_cast(ir.IndexType.get(), soff)])
+    return vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), sv),
+                          dynamic_position=[], static_position=[0])
+
+
 def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool = False,
                  fp16: bool = False):
     """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout.
@@ -316,12 +324,8 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool 
     cs = [vector.extract(cz, dynamic_position=[], static_position=[i]) for i in (0, 1)]
     zp = [vector.extract(cz, dynamic_position=[], static_position=[i]) for i in (2, 3)]
 
-    # Scale word of the thread's quad: bytes (i, srow) = (row half, scale row of the step).
-    soff = arith.muli(arith.divui(tid, mu.c(4, i32)), mu.c(4, i32))
-    sv = vector.load(ir.VectorType.get((4,), i8), s_smem, [idx(soff)])
-    sword = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), sv),
-                           dynamic_position=[], static_position=[0])
     nib = {}  # (i, group q) -> (nib2, k2)
+    sword = None if raw else _scale_word(s_smem, tid)
     for i in range(0 if raw else 2):
         for srow in range(2):
             hi2, hik, lo2, lok = _asm(llvm, ir, _NIB_ASM.format(byte=2 * i + srow),
@@ -369,13 +373,11 @@ def _plane(pairs, nib2, k2, shift: int, *, fp16: bool = False):
     i32 = ir.IntegerType.get_signless(32)
     bf16x2 = ir.VectorType.get((2,), (ir.F16Type if fp16 else ir.BF16Type).get())
     raw = nib2 is None
-    if fp16:
-        pre, mask = _F16_PLANES[_SHIFTS.index(shift)]
-        text = _RAW_PLANE_F16_ASM.format(
-            mask=f"0x{mask:08X}", shift=f"shr.b32 w, $1, {pre}; " if pre else "mov.b32 w, $1; ")
-    else:
-        text = (_RAW_PLANE_ASM if raw else _PLANE_ASM).format(
-            shift=f"shr.b32 w, $1, {shift}; " if shift else "mov.b32 w, $1; ")
+    pre, mask, magic = (*_F16_PLANES[_SHIFTS.index(shift)], 0x64006400) if fp16 else \
+        (shift, 0x003F003F, 0x43004300)
+    text = (_RAW_PLANE_ASM if raw else _PLANE_ASM).format(
+        shift=f"shr.b32 w, $1, {pre}; " if pre else "mov.b32 w, $1; ",
+        mask=f"0x{mask:08X}", magic=f"0x{magic:08X}")
     out = np.empty_like(pairs.registers)
     for at in np.ndindex(out.shape):
         args = [mu.bitcast(a.registers[at], i32) for a in ((pairs,) if raw else (pairs, nib2, k2))]
@@ -471,15 +473,11 @@ def _apply_groups(acc, parts, s_smem, xg_ref):
     """
     ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
-    i8 = ir.IntegerType.get_signless(8)
     f32 = ir.F32Type.get()
     index = ir.IndexType.get()
     tid, lane, _ = _thread_rows()
     bm = acc.shape[1]
-    soff = arith.index_cast(index, arith.muli(arith.divui(tid, mu.c(4, i32)), mu.c(4, i32)))
-    sv = vector.load(ir.VectorType.get((4,), i8), s_smem, [soff])
-    sword = vector.extract(vector.bitcast(ir.VectorType.get((1,), i32), sv),
-                           dynamic_position=[], static_position=[0])
+    sword = _scale_word(s_smem, tid)
     # byte (row half i, scale row c // 2): high nibble group 2 * (c // 2), low nibble the next
     nib = [[arith.uitofp(f32, arith.andi(arith.shrui(
         sword, mu.c(8 * (2 * i + c // 2) + (0 if c % 2 else 4), i32)), mu.c(15, i32)))
@@ -642,14 +640,14 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                            return_type=[plane_type] * count)
         def dec(_, q_ref, s_ref, consts):
             return _decode_step(q_ref, s_ref, consts, pairs_only=pairs_only, raw=raw,
-                                fp16=fp16 and raw)
+                                fp16=fp16)
         return dec
 
     def cut_plane(shift, *, raw: bool):
         @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,) * (1 if raw else 3),
                            return_type=plane_type)
         def cut(_, pairs, *nib):
-            return _plane(pairs, *(nib or (None, None)), shift, fp16=fp16 and raw)
+            return _plane(pairs, *(nib or (None, None)), shift, fp16=fp16)
         return cut
 
     x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
