@@ -575,7 +575,7 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, bm: int,
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   config: MosaicConfig, m_out: int | None = None, row_inv=None):
+                   config: MosaicConfig, m_out: int | None = None, row_inv=None, sums=None):
     """Run the Mosaic kernel on plane-permuted x (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, row0, hi)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t reads
@@ -588,7 +588,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     adds them and applies it). ``col_blocks``: 64-column output blocks per program (each with its
     own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
     col_blocks`` columns instead of once per 64. ``mma == "sync"``: per-warp ``mma.sync`` with
-    fp32 scale groups; x's group sums (:func:`group_sums`) ride along as a pipelined input.
+    fp32 scale groups; x's group sums (``sums``, else computed here by :func:`group_sums`) ride
+    along as a pipelined input.
     ``planes == "fp16"``: ``x_planes`` fp16 from :func:`fp16_row_scales` and
     :func:`fp16_plane_columns`, ``row_inv`` fp32 ``[m_out]`` the inverse row scales.
     """
@@ -801,10 +802,11 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         grid_names=("s", "t", "n") if split else ("t", "n"),
         compiler_params=plgpu.CompilerParams(),
     )
-    sums = () if mma != "sync" else (
-        group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4),)
+    if mma == "sync" and sums is None:
+        sums = group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4)
     args = (grp, row0_t, hi_t, x_planes, qwf, wsf, ss, cs, zp,
-            *((row_scale,) if has_rs else ()), *sums, *((row_inv,) if fp16 else ()))
+            *((row_scale,) if has_rs else ()), *((sums,) if mma == "sync" else ()),
+            *((row_inv,) if fp16 else ()))
     return kernel(*args)
 
 
@@ -822,16 +824,18 @@ def group_sums(x_planes, plane_offsets=(160.0,) * 4):
 
 
 FP16_PLANE_OFFSETS = (1280.0, 1056.0, 1280.0, 1056.0)  # 1024 + 8 * 32, 1024 + 32
+FP16_MIN_EXPONENT = -112  # fp16_row_scales' floor on frexp's exponent
 
 
 def fp16_row_scales(x):
     """``(scale, inverse)`` fp32 ``[M]``: a power of two per row of ``x`` that puts it into fp16's
     range (``max |x * scale| < 2^14``: exact for every value above fp16's 2^-14 normal floor
     relative to that), for the ``planes="fp16"`` path; the kernel's epilogue applies the inverse
-    before the activation."""
+    before the activation. Rows whose largest magnitude is under 2^-113 take the scale of
+    2^-113 (``FP16_MIN_EXPONENT``): 2^(14 - e) then stays a finite fp32."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1)
     _, e = jnp.frexp(amax)  # amax < 2^e (e = 0 for a zero row)
-    scale = jnp.ldexp(jnp.ones_like(amax), 14 - e)
+    scale = jnp.ldexp(jnp.ones_like(amax), 14 - jnp.maximum(e, FP16_MIN_EXPONENT))
     return scale, 1.0 / scale
 
 
@@ -1048,16 +1052,19 @@ def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> Mosa
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
                              out_dtype=None, layer=None, k_order: str = "natural",
-                             config: MosaicConfig | None = None):
+                             config: MosaicConfig | None = None, prologue: str | None = None):
     """``epilogue(x[rows of e] @ W[e])`` for fragment-ordered WINT2 experts (rows sorted by e).
 
     ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place); ``k_order``
     the checkpoint's in-group K order (a shuffled one is undone on x's columns, together with
-    the plane order). ``config`` overrides the tuned / heuristic choice (:func:`config_for`).
+    the plane order). ``config`` overrides the tuned / heuristic choice (:func:`config_for`);
+    ``prologue``: the operands' implementation (``prologue.expert_operands``: None/"pallas" one
+    Triton launch, "xla" the jnp composition).
     Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
     Hopper GPU).
     """
-    from .kernels import _permute_columns, _weights, expert_tiles
+    from .kernels import _weights
+    from .prologue import expert_operands
 
     qw = w["quant_weight"]
     if not available():
@@ -1077,19 +1084,16 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     qwf = qw.reshape(-1, n // BLOCK_N, k // BLOCK_K, 16, 256)
     wsf = ws.reshape(-1, n // BLOCK_N, k // BLOCK_K, 128)
     cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
-    tiles, src = expert_tiles(group_sizes, m, cfg.block_m, layer=layer, num_layers=num_layers)
+    # The tile table, x's rows gathered into their tiles in plane order (fp16 planes: scaled
+    # into fp16's range, undone in the epilogue) and the group sums: one small launch.
+    ops = expert_operands(x, group_sizes, bm=cfg.block_m, sums=cfg.mma == "sync",
+                          fp16=cfg.planes == "fp16", k_order=k_order, layer=layer,
+                          num_layers=num_layers, implementation=prologue)
     out_dtype = out_dtype or x.dtype
-    row_inv = None
-    if cfg.planes == "fp16":  # rows scaled into fp16's range, undone in the epilogue
-        scale, row_inv = fp16_row_scales(x)
-        x = x.astype(jnp.float32) * scale[:, None]
-    # One gather: the plane order of x's columns, and each group's rows from a block boundary.
-    xp = jnp.take(_permute_columns(x, k, BLOCK_K, 4, k_order), src, axis=0)
-    if cfg.planes == "fp16":
-        xp = fp16_plane_columns(xp)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
-    out = grouped_matmul(xp, qwf, wsf, ss, cs, zp, tiles, rs, activation=activation,
-                         out_dtype=out_dtype, config=cfg, m_out=m, row_inv=row_inv)
+    out = grouped_matmul(ops.x_planes, qwf, wsf, ss, cs, zp, ops.tiles, rs, activation=activation,
+                         out_dtype=out_dtype, config=cfg, m_out=m, row_inv=ops.row_inv,
+                         sums=ops.sums)
     if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype)
     return out

@@ -1,0 +1,123 @@
+"""The Mosaic kernel's operand prologue (``prologue.py``): one Triton launch against the jnp
+composition it replaces (``expert_tiles``, ``fp16_row_scales``, the plane permutation,
+``fp16_plane_columns``, ``group_sums``).
+
+On a CPU the kernel runs in Pallas's interpret mode and lowers through Triton for CUDA; on an
+sm90 GPU it runs compiled. Tiles, x planes and inverse row scales must be identical; the group
+sums equal up to fp32 summation order.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import kernel_mosaic as km
+from pallas_kernels import prologue
+
+CASES = [  # m, k, group sizes, bm, sums, fp16, k_order, (layer, layers)
+    (8, 512, [2, 0, 3], 4, True, True, "natural", None),  # padding rows past the sizes' sum
+    (16, 768, [2, 0, 3, 5], 8, True, False, "shuffled", None),  # K = 3 * 256: 3 chunks
+    (12, 256, [12, 0, 0], 8, False, False, "natural", (1, 3)),  # wgmma: x planes only
+    (40, 512, [10, 3, 0, 20, 1], 16, True, True, "natural", (2, 3)),  # layer fold, 2 tiles
+    (8, 1024, [0, 0, 0, 0, 0, 0, 8, 0], 8, True, True, "shuffled", None),  # one expert
+]
+
+
+def _x(m, k, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)) * np.exp2(rng.integers(-20, 20, (m, 1)))
+    x[1] = 0.0  # a zero row: scale 2^14
+    x[2] = rng.standard_normal(k) * 2.0**-118  # under the exponent floor (FP16_MIN_EXPONENT)
+    x[3, 5] = 3e38  # near bf16's largest
+    return jnp.asarray(x, jnp.bfloat16)
+
+
+def _run(case, **kw):
+    m, k, sizes, bm, sums, fp16, k_order, lay = case
+    layer, layers = lay or (None, 1)
+    return prologue.expert_operands(_x(m, k), jnp.asarray(sizes, jnp.int32), bm=bm, sums=sums,
+                                    fp16=fp16, k_order=k_order, layer=layer,
+                                    num_layers=layers, **kw)
+
+
+def _assert_same(got, want, *, bm: int, sums: bool, fp16: bool):
+    for a, b, name in zip(got.tiles, want.tiles, ("group", "row0", "hi"), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    _, row0, hi = (np.asarray(a) for a in want.tiles)
+    # The rows the matmul kernel stores (row i of tile t: row0 + i < hi); the rest are padding.
+    rows = [t * bm + i for t in range(len(row0)) for i in range(bm) if row0[t] + i < hi[t]]
+    assert len(rows) == len(set(row0[t] + i for t in range(len(row0)) for i in range(bm)
+                                if row0[t] + i < hi[t]))
+    assert got.x_planes.dtype == want.x_planes.dtype
+    np.testing.assert_array_equal(np.asarray(got.x_planes, np.float32)[rows],
+                                  np.asarray(want.x_planes, np.float32)[rows])
+    if sums:
+        # fp32 sums of 64 terms in another order: within a few ulps of the terms' magnitudes
+        offsets = km.FP16_PLANE_OFFSETS if fp16 else prologue.BF16_PLANE_OFFSETS
+        mag = np.asarray(km.group_sums(jnp.abs(want.x_planes), offsets))
+        mag = mag[rows]
+        a, b = np.asarray(got.sums)[rows], np.asarray(want.sums)[rows]
+        with np.errstate(invalid="ignore"):  # bf16 planes: 3e38 * 160 is inf in both
+            assert ((a == b) | (np.abs(a - b) <= 1e-6 * mag)).all()
+    else:
+        assert got.sums is None and want.sums is None
+    if fp16:
+        np.testing.assert_array_equal(np.asarray(got.row_inv), np.asarray(want.row_inv))
+        assert np.isfinite(np.asarray(got.row_inv)).all()
+    else:
+        assert got.row_inv is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-bm{c[3]}-{c[6]}")
+def test_one_launch_equals_the_jnp_composition(case):
+    got = _run(case)
+    want = _run(case, implementation="xla")
+    _assert_same(got, want, bm=case[3], sums=case[4], fp16=case[5])
+
+
+def test_fp16_rows_fit_fp16_and_the_inverse_undoes_the_scale():
+    """Independent of the code under test: every row's largest scaled value is in [2^13, 2^14)
+    (or the row is zero / under the exponent floor), and ``row_inv`` is a power of two."""
+    case = (8, 512, [3, 5], 8, True, True, "natural", None)
+    ops = _run(case)
+    x = np.asarray(_x(8, 512), np.float32)
+    inv = np.asarray(ops.row_inv, np.float64)
+    assert (np.frexp(inv)[0] == 0.5).all()
+    for r in range(8):
+        amax = np.abs(x[r]).max() / inv[r]
+        if r == 1:
+            assert inv[r] == 2.0**-14
+        elif r == 2:
+            assert amax < 2.0**13 and inv[r] == 2.0**-126
+        else:
+            assert 2.0**13 <= amax < 2.0**14
+
+
+def test_lowers_through_triton_for_cuda():
+    """The Triton lowering (shapes, dtypes, gathers) runs without a GPU on jax 0.10; newer jax
+    wants a GPU's description for it and the test then skips."""
+    sd = jax.ShapeDtypeStruct
+    for m, k, bm, sums, fp16, k_order, layers in [(8, 8192, 8, True, True, "natural", None),
+                                                  (128, 2560, 16, False, False, "shuffled", 3),
+                                                  (48, 3584, 8, True, False, "natural", None)]:
+        def f(x, gs, layer):
+            return prologue._expert_operands(x, gs, layer, bm=bm, sums=sums, fp16=fp16,
+                                             k_order=k_order, num_layers=layers,
+                                             interpret=False)
+        try:
+            text = jax.jit(f).trace(sd((m, k), jnp.bfloat16), sd((64,), jnp.int32),
+                                    sd((1,), jnp.int32)).lower(lowering_platforms=("cuda",))
+        except RuntimeError as err:
+            if "No supported GPU" in str(err):
+                pytest.skip("this jax's Triton lowering needs a GPU")
+            raise
+        assert text.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-bm{c[3]}-{c[6]}")
+def test_compiled_kernel_equals_the_jnp_composition(case):
+    got = jax.jit(lambda: _run(case))()
+    want = _run(case, implementation="xla")
+    _assert_same(got, want, bm=case[3], sums=case[4], fp16=case[5])
