@@ -12,14 +12,14 @@ Before each grouped projection, ``kernel_mosaic.grouped_matmul`` needs:
   inverse row scales for the epilogue.
 
 Composed from jnp ops (:func:`expert_operands_reference`), XLA runs this as ~11 small kernels
-before the up_gate projection and ~5 before the down: at one token (300B, H100) about 30 of the
-expert FFN's 149 µs, more than the down projection's decode takes (ncu, ``results/NOTES.md``
-§48). :func:`expert_operands` computes the same arrays in one launch: program ``p`` owns padded
-row ``p`` of tile ``p // bm``; it rebuilds the (tiny) tile table from the group sizes (two
+before the up_gate projection and ~5 before the down: at one token (300B, H100) about 35 of the
+expert FFN's 149 µs, and ~460 µs of its ~4 ms at 1024 tokens (ncu, ``results/NOTES.md`` §48).
+:func:`expert_operands` computes the same arrays in one launch: program ``p`` owns padded row
+``p`` of tile ``p // bm``; it rebuilds the (tiny) tile table from the group sizes (two
 cumulative sums over the experts), writes its tile's entry if it is the tile's first row,
-gathers its source row, and writes the row's operands. The table's arithmetic is
-``expert_tiles``'s; the x values are bit-identical to the jnp composition and the group sums
-equal it up to fp32 summation order.
+reads its source row and writes the row's operands. The table's arithmetic is
+``expert_tiles``'s; on the rows the matmul stores, the x values are bit-identical to the jnp
+composition and the group sums equal it up to fp32 summation order.
 
 Triton (Pallas's Triton backend) rather than Mosaic GPU: the work is gathers, a row reduction
 and a handful of reshapes, which Triton lowers directly; Mosaic GPU's layout inference would
@@ -42,7 +42,8 @@ from . import kernel_triton  # noqa: F401  (silences the Triton backend's deprec
 from .kernels import _column_order, _permute_columns, expert_tiles
 
 GROUP_ROWS = 64  # K rows per scale group
-_CHUNK, _NUM_WARPS = 1024, 4  # largest power-of-two piece of a row handled at once; warps
+# The largest power-of-two piece of a row handled at once, and warps a program (NOTES §48's A/B)
+_CHUNK, _NUM_WARPS = 1024, 4
 BF16_PLANE_OFFSETS = (160.0,) * 4
 
 
@@ -97,7 +98,7 @@ def _tile_of(gs_ref, t, *, m: int, e: int, bm: int):
     tile_end = jnp.cumsum(ntiles)
     total, real_tiles = jnp.sum(sizes), jnp.sum(ntiles)
     pad_start = jnp.minimum(total, m)  # the padding group's rows [pad_start, m)
-    pad_end = real_tiles + (m - pad_start + bm - 1) // bm
+    pad_end = real_tiles + (m - pad_start + bm - 1) // bm  # its tiles end there: all tiles
     grp = jnp.minimum(jnp.sum((real & (tile_end <= t)).astype(jnp.int32))
                       + (pad_end <= t).astype(jnp.int32), e)
 

@@ -94,25 +94,27 @@ def test_fp16_rows_fit_fp16_and_the_inverse_undoes_the_scale():
             assert 2.0**13 <= amax < 2.0**14
 
 
-def test_lowers_through_triton_for_cuda():
+@pytest.mark.parametrize("m,k,bm,sums,fp16,k_order,layers", [
+    (8, 8192, 8, True, True, "natural", None),  # 300B up_gate at 1 token
+    (128, 2560, 16, False, False, "shuffled", 3),  # 21B up_gate, wgmma, a layer stack
+    (48, 3584, 8, True, False, "natural", None),  # 300B down: 7 pieces of 512
+])
+def test_lowers_through_triton_for_cuda(m, k, bm, sums, fp16, k_order, layers):
     """The Triton lowering (shapes, dtypes, gathers) runs without a GPU on jax 0.10; newer jax
     wants a GPU's description for it and the test then skips."""
+    def f(x, gs, layer):
+        return prologue._expert_operands(x, gs, layer, bm=bm, sums=sums, fp16=fp16,
+                                         k_order=k_order, num_layers=layers, interpret=False)
+
     sd = jax.ShapeDtypeStruct
-    for m, k, bm, sums, fp16, k_order, layers in [(8, 8192, 8, True, True, "natural", None),
-                                                  (128, 2560, 16, False, False, "shuffled", 3),
-                                                  (48, 3584, 8, True, False, "natural", None)]:
-        def f(x, gs, layer):
-            return prologue._expert_operands(x, gs, layer, bm=bm, sums=sums, fp16=fp16,
-                                             k_order=k_order, num_layers=layers,
-                                             interpret=False)
-        try:
-            text = jax.jit(f).trace(sd((m, k), jnp.bfloat16), sd((64,), jnp.int32),
-                                    sd((1,), jnp.int32)).lower(lowering_platforms=("cuda",))
-        except RuntimeError as err:
-            if "No supported GPU" in str(err):
-                pytest.skip("this jax's Triton lowering needs a GPU")
-            raise
-        assert text.as_text().count("__gpu$xla.gpu.triton") == 1
+    try:
+        lowered = jax.jit(f).trace(sd((m, k), jnp.bfloat16), sd((64,), jnp.int32),
+                                   sd((1,), jnp.int32)).lower(lowering_platforms=("cuda",))
+    except RuntimeError as err:
+        if "No supported GPU" in str(err):
+            pytest.skip("this jax's Triton lowering needs a GPU")
+        raise
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.gpu
