@@ -51,7 +51,8 @@ window at bit 0 or 3, so one shift cuts two planes (``_F16_PLANES``); x is scale
 fp16's range (:func:`fp16_row_scales`, undone in the epilogue) and the x8 planes' columns by
 1/8, its fp16 rounding stated with ``reduce_precision`` (:func:`fp16_plane_columns`, §44).
 
-Tiles start at their expert's first row (``kernels.expert_tiles``: x's rows are gathered so
+Tiles start at their expert's first row (``kernels.expert_tiles``, built together with x's
+operands by one Triton launch, ``prologue.expert_operands``: x's rows are gathered so
 that every expert begins a ``bm``-row block; an expert of up to ``bm`` rows costs one tile,
 i.e. one decode of its weights, where the Triton kernel's fixed row blocks cost two for every
 expert that straddles a block boundary). Program ``(t, j)`` (one warpgroup) computes ``64 *
