@@ -8,7 +8,8 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
 
 ``--kernel mosaic`` drives the Mosaic GPU kernel instead (fragment byte order; kernel name
 ``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` / ``--schedule`` / ``--split-k`` /
-``--col-blocks`` / ``--mma`` / ``--planes`` override its tuned or heuristic config).
+``--col-blocks`` / ``--mma`` / ``--planes`` override its tuned or heuristic config;
+``--prologue xla`` prepares its operands with XLA ops instead of the Triton launch).
 
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
 benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
@@ -47,6 +48,9 @@ def main(argv=None) -> None:
                    help="mosaic: tensor-core instruction (default: tuned, else the heuristic)")
     p.add_argument("--planes", choices=MOSAIC_PLANES, default=None,
                    help="mosaic, with --mma sync: operand type of the decoded planes")
+    p.add_argument("--prologue", choices=("pallas", "xla"), default=None,
+                   help="mosaic: the operands (tile table, x planes, group sums) from one Triton "
+                        "launch (default) or XLA ops (prologue.expert_operands)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -69,7 +73,7 @@ def main(argv=None) -> None:
                          planes=a.planes)
         mcfg = dataclasses.replace(mcfg, **{f: v for f, v in overrides.items() if v is not None})
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
-            x, w, gs, activation=act, config=mcfg))
+            x, w, gs, activation=act, config=mcfg, prologue=a.prologue))
     else:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
@@ -80,7 +84,8 @@ def main(argv=None) -> None:
     for _ in range(a.calls):
         y = f(x, w, gs)
     jax.block_until_ready(y)
-    what = f"mosaic {mcfg}" if a.kernel == "mosaic" else cfg or "tuned config"
+    what = (f"mosaic {mcfg} prologue={a.prologue or 'pallas'}" if a.kernel == "mosaic"
+            else cfg or "tuned config")
     print(f"{a.shape} {a.proj} tokens={a.tokens} {what}: "
           f"{(time.perf_counter() - t0) / a.calls * 1e6:.1f} us per call "
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
