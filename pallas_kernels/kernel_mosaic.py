@@ -589,8 +589,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     adds them and applies it). ``col_blocks``: 64-column output blocks per program (each with its
     own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
     col_blocks`` columns instead of once per 64. ``mma == "sync"``: per-warp ``mma.sync`` with
-    fp32 scale groups; x's group sums (``sums``, else computed here by :func:`group_sums`) ride
-    along as a pipelined input.
+    fp32 scale groups; x's group sums (``sums``, :func:`group_sums`) ride along as a pipelined
+    input.
     ``planes == "fp16"``: ``x_planes`` fp16 from :func:`fp16_row_scales` and
     :func:`fp16_plane_columns`, ``row_inv`` fp32 ``[m_out]`` the inverse row scales.
     """
@@ -602,6 +602,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     fp16 = config.planes == "fp16"
     if fp16 and (x_planes.dtype != jnp.float16 or row_inv is None):
         raise ValueError("planes='fp16' takes fp16 x_planes and the rows' inverse scales")
+    if (sums is None) != (mma != "sync"):
+        raise ValueError("mma='sync' takes x's group sums (group_sums), wgmma none")
     m, k = x_planes.shape
     num_groups, nblk, ksteps = qwf.shape[:3]
     n = nblk * BLOCK_N
@@ -803,8 +805,6 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         grid_names=("s", "t", "n") if split else ("t", "n"),
         compiler_params=plgpu.CompilerParams(),
     )
-    if mma == "sync" and sums is None:
-        sums = group_sums(x_planes, FP16_PLANE_OFFSETS if fp16 else (160.0,) * 4)
     args = (grp, row0_t, hi_t, x_planes, qwf, wsf, ss, cs, zp,
             *((row_scale,) if has_rs else ()), *((sums,) if mma == "sync" else ()),
             *((row_inv,) if fp16 else ()))
@@ -812,7 +812,10 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
 
 
-def group_sums(x_planes, plane_offsets=(160.0,) * 4):
+BF16_PLANE_OFFSETS = (160.0,) * 4  # planes 128 + w, q = w - 32
+
+
+def group_sums(x_planes, plane_offsets=BF16_PLANE_OFFSETS):
     """``sum_t c_t X_t`` fp32 ``[M, K/64]``: each row of plane-ordered x summed over every 64-row
     scale group of K (column ``64 t + p`` of a 256-wide step is K row ``4 p + t``: group ``p //
     16``), plane t's sum weighted by ``c_t``: what the mma.sync path's partial sums exceed

@@ -38,13 +38,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import kernel_mosaic as km
-from . import kernel_triton  # noqa: F401  (silences the Triton backend's deprecation warning)
 from .kernels import _column_order, _permute_columns, expert_tiles
+from .wint2 import GROUP_SIZE
 
-GROUP_ROWS = 64  # K rows per scale group
 # The largest power-of-two piece of a row handled at once, and warps a program (NOTES §48's A/B)
 _CHUNK, _NUM_WARPS = 1024, 4
-BF16_PLANE_OFFSETS = (160.0,) * 4
 
 
 class ExpertOperands(NamedTuple):
@@ -80,7 +78,7 @@ def expert_operands_reference(x, group_sizes, *, bm: int, sums: bool, fp16: bool
     xp = jnp.take(_permute_columns(x, k, km.BLOCK_K, 4, k_order), src, axis=0)
     if fp16:
         xp = km.fp16_plane_columns(xp)
-    offsets = km.FP16_PLANE_OFFSETS if fp16 else BF16_PLANE_OFFSETS
+    offsets = km.FP16_PLANE_OFFSETS if fp16 else km.BF16_PLANE_OFFSETS
     return ExpertOperands(tiles, xp, km.group_sums(xp, offsets) if sums else None, row_inv)
 
 
@@ -160,7 +158,7 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
         scale = jax.lax.bitcast_convert_type((141 - ex) << 23, jnp.float32)  # 2^(14 - e)
         inv = jax.lax.bitcast_convert_type((113 + ex) << 23, jnp.float32)  # 2^(e - 14)
         plgpu.store(inv_ref.at[pl.ds(src, 1)], jnp.full((1,), inv, jnp.float32))
-    offsets = km.FP16_PLANE_OFFSETS if fp16 else BF16_PLANE_OFFSETS
+    offsets = km.FP16_PLANE_OFFSETS if fp16 else km.BF16_PLANE_OFFSETS
     for c in range(k // chunk):
         group_sum = 0.0
         for t in range(4):
@@ -173,7 +171,7 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
             if sums_ref is not None:  # group_sums: 16 columns of a plane per scale group
                 group_sum += offsets[t] * jnp.sum(v.reshape(chunk // km.BLOCK_K, 4, 16), axis=2)
         if sums_ref is not None:
-            g = (c * (chunk // GROUP_ROWS) + steps // GROUP_ROWS
+            g = (c * (chunk // GROUP_SIZE) + steps // GROUP_SIZE
                  + jnp.arange(4, dtype=jnp.int32)[None, :])
             sums_ref[p, g] = group_sum
 
@@ -188,7 +186,7 @@ def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_laye
     out_shape = [tiles, tiles, tiles,
                  jax.ShapeDtypeStruct((rows, k), jnp.float16 if fp16 else jnp.bfloat16)]
     if sums:
-        out_shape.append(jax.ShapeDtypeStruct((rows, k // GROUP_ROWS), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((rows, k // GROUP_SIZE), jnp.float32))
     if fp16:
         out_shape.append(jax.ShapeDtypeStruct((m,), jnp.float32))
     shuffled = k_order != "natural"

@@ -54,7 +54,7 @@ def _assert_same(got, want, *, bm: int, sums: bool, fp16: bool):
                                   np.asarray(want.x_planes, np.float32)[rows])
     if sums:
         # fp32 sums of 64 terms in another order: within a few ulps of the terms' magnitudes
-        offsets = km.FP16_PLANE_OFFSETS if fp16 else prologue.BF16_PLANE_OFFSETS
+        offsets = km.FP16_PLANE_OFFSETS if fp16 else km.BF16_PLANE_OFFSETS
         mag = np.asarray(km.group_sums(jnp.abs(want.x_planes), offsets))
         mag = mag[rows]
         a, b = np.asarray(got.sums)[rows], np.asarray(want.sums)[rows]
