@@ -439,7 +439,8 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
     (one accumulator a block: SwiGLU's 8 would not fit the registers); up to 16-row tiles
     each also with per-warp ``mma.sync`` instead of wgmma (it lost from 16 rows an expert in
     the session-7 A/B, by 45 % at 48-row tiles: results/NOTES.md §37), on bf16 and on fp16
-    planes (§43)."""
+    planes (§43), each with one and (where the K steps divide) two K steps a pipeline step
+    (wgmma tiles: one; two lost 20-90 % at 24-80 rows, §50)."""
     bm0 = kernel_mosaic.block_m_for(rows, experts)
     heights = {b for b in (bm0 // 2, bm0, 2 * bm0) if 8 <= b <= 64}
     if max_rows:  # ceil(max_rows / k) rounded up to a multiple of 8
@@ -453,8 +454,11 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
             mmas += [("sync", planes) for planes in config_lib.MOSAIC_PLANES]
         for sched, st, split, cb, (mma, planes) in itertools.product(
                 ("all", "one"), stages, splits, col_blocks, mmas):
-            yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched, split_k=split,
-                                          col_blocks=cb, mma=mma, planes=planes)
+            unrolls = (1, 2) if mma == "sync" and (ksteps // split) % 2 == 0 else (1,)
+            for unroll in unrolls:
+                yield config_lib.MosaicConfig(block_m=bm, stages=st, schedule=sched,
+                                              split_k=split, col_blocks=cb, mma=mma,
+                                              planes=planes, k_unroll=unroll)
 
 
 def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:

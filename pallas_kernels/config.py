@@ -99,6 +99,10 @@ class MosaicConfig:
       planes: the operand type of the decoded weights and x under ``mma="sync"``: ``"bf16"``, or
         ``"fp16"`` (x scaled per row into fp16's range; the 10-bit mantissa takes two of a byte's
         four windows without a shift: one shift a code pair instead of three).
+      k_unroll: 256-deep K steps per pipeline step (1, 2 or 4): one TMA issue, one slot wait
+        and (``mma="sync"``) one warpgroup barrier for that many decode steps. The issue code
+        runs in every warp (10 % of the 1-token kernel's instructions at 1, results/NOTES.md
+        §49); more costs shared memory (x, bytes and scales of that many steps a stage).
     """
 
     block_m: int
@@ -108,6 +112,7 @@ class MosaicConfig:
     col_blocks: int = 1
     mma: str = "wgmma"
     planes: str = "bf16"
+    k_unroll: int = 1
 
     def __post_init__(self):
         if self.block_m % 8 or not 8 <= self.block_m <= 256:
@@ -128,6 +133,8 @@ class MosaicConfig:
             raise ValueError(f"planes={self.planes!r} must be one of {MOSAIC_PLANES}")
         if self.planes == "fp16" and self.mma != "sync":
             raise ValueError("planes='fp16' needs mma='sync'")
+        if self.k_unroll not in (1, 2, 4):
+            raise ValueError(f"k_unroll={self.k_unroll} must be 1, 2 or 4")
 
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)

@@ -8,7 +8,7 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
 
 ``--kernel mosaic`` drives the Mosaic GPU kernel instead (fragment byte order; kernel name
 ``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` / ``--schedule`` / ``--split-k`` /
-``--col-blocks`` / ``--mma`` / ``--planes`` override its tuned or heuristic config;
+``--col-blocks`` / ``--mma`` / ``--planes`` / ``--k-unroll`` override its tuned or heuristic config;
 ``--prologue xla`` prepares its operands with XLA ops instead of the Triton launch).
 
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
@@ -48,6 +48,8 @@ def main(argv=None) -> None:
                    help="mosaic: tensor-core instruction (default: tuned, else the heuristic)")
     p.add_argument("--planes", choices=MOSAIC_PLANES, default=None,
                    help="mosaic, with --mma sync: operand type of the decoded planes")
+    p.add_argument("--k-unroll", type=int, default=None,
+                   help="mosaic: 256-deep K steps a pipeline step")
     p.add_argument("--prologue", choices=("pallas", "xla"), default=None,
                    help="mosaic: the operands (tile table, x planes, group sums) from one Triton "
                         "launch (default) or XLA ops (prologue.expert_operands)")
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
         mcfg = kernel_mosaic.config_for(x.shape[0], k, n_out, s.experts, act)
         overrides = dict(block_m=a.block_m, stages=a.stages, schedule=a.schedule,
                          split_k=a.split_k, col_blocks=a.col_blocks, mma=a.mma,
-                         planes=a.planes)
+                         planes=a.planes, k_unroll=a.k_unroll)
         mcfg = dataclasses.replace(mcfg, **{f: v for f, v in overrides.items() if v is not None})
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
             x, w, gs, activation=act, config=mcfg, prologue=a.prologue))

@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -411,8 +412,9 @@ def _mma_sync(accs, a_t, x_ref, plane: int):
 
     ``accs`` fp32 ``[64, bm]`` and ``a_t`` bf16 ``[64, 64]`` in the WGMMA layout, which is, warp
     by warp, exactly the m16n8k16 accumulator and A fragments (warp w: rows 16w..16w+15).
-    ``x_ref``: the step's x tile in shared memory, ``[bm, 256]`` bf16 as TMA wrote it (8 x 64
-    tiles of 1 KiB, 16-byte chunks of each 128-byte row swizzled by ``chunk ^ row % 8``).
+    ``x_ref``: the pipeline step's x tile in shared memory, ``[bm, 256 u]`` bf16 as TMA wrote
+    it (8 x 64 tiles of 1 KiB, 16-byte chunks of each 128-byte row swizzled by ``chunk ^ row %
+    8``); ``plane``: the 64-column plane of it, ``4 s + t`` for plane t of K step s.
     Each ``ldmatrix.x4`` gives a thread its B fragments (x rows ``8 jj + lane // 4``, two
     consecutive K values a register) of two 16-deep K chunks of one 8-row tile.
     """
@@ -421,7 +423,7 @@ def _mma_sync(accs, a_t, x_ref, plane: int):
     f32 = ir.F32Type.get()
     shape = tuple(ir.MemRefType(x_ref.type).shape)
     bm = accs[0].shape[1]
-    if shape != (bm // 8, BLOCK_K // 64, 8, 64):
+    if shape[0] != bm // 8 or shape[2:] != (8, 64) or shape[1] % (BLOCK_K // 64):
         raise NotImplementedError(f"unexpected x tile in shared memory: {shape}")
     _, lane, _ = _thread_rows()
     row, quad = arith.remui(lane, mu.c(8, i32)), arith.divui(lane, mu.c(8, i32))
@@ -440,7 +442,7 @@ def _mma_sync(accs, a_t, x_ref, plane: int):
                               static_position=[e]) for i in range(2) for e in range(2)]
               for acc in accs]
         for half in range(2):
-            offset = (jj * (BLOCK_K // 64) + plane) * 1024  # the (rows, plane) 8 x 64 tile
+            offset = (jj * shape[1] + plane) * 1024  # the (rows, plane) 8 x 64 tile
             b = llvm.inline_asm(llvm.StructType.get_literal([i32] * 4), [addr[half]],
                                 _LDSM_ASM.format(offset=offset), "=r,=r,=r,=r,r",
                                 has_side_effects=True)  # ordered after the TMA wait
@@ -462,7 +464,7 @@ def _mma_sync(accs, a_t, x_ref, plane: int):
             for o in outs]
 
 
-def _apply_groups(acc, parts, s_smem, xg_ref):
+def _apply_groups(acc, parts, s_smem, xg_ref, col0: int = 0):
     """Inside ``inline_mgpu``: ``acc + sum_c nib_c * (parts[c] - 160 X_c)``, the step's four scale
     groups (mma.sync path).
 
@@ -470,7 +472,8 @@ def _apply_groups(acc, parts, s_smem, xg_ref):
     exact products; ``xg_ref`` the tile's ``[bm, 4]`` fp32 ``160 X`` (X: x summed over each
     group's 64 K rows), so ``parts[c] - 160 X_c = x @ q`` and the group's nibble multiplies it
     in fp32 (no bf16 rounding of ``q * nib``: one rounding of ``q * nib * super_scale``, the
-    format's, at the output). ``s_smem``: the step's 128-byte scale chunk (:func:`fragment_scales`).
+    format's, at the output). ``s_smem``: the step's 128-byte scale chunk (:func:`fragment_scales`);
+    ``col0``: the step's first column of ``xg_ref`` (``[bm, 4 u]`` for ``u`` steps a stage).
     """
     ir, arith, gpu, llvm, memref, vector, mlir_math, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
@@ -489,7 +492,7 @@ def _apply_groups(acc, parts, s_smem, xg_ref):
         xg = []
         for e in range(2):  # the thread's token columns 8 jj + c2 + e: 160 X of the 4 groups
             m = arith.index_cast(index, arith.addi(c2, mu.c(8 * jj + e, i32)))
-            v = vector.load(ir.VectorType.get((4,), f32), xg_ref, [m, arith.constant(index, 0)])
+            v = vector.load(ir.VectorType.get((4,), f32), xg_ref, [m, arith.constant(index, col0)])
             xg.append([vector.extract(v, dynamic_position=[], static_position=[c])
                        for c in range(4)])
         for i in range(2):
@@ -599,6 +602,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
     block_m, stages, schedule = config.block_m, config.stages, config.schedule
     split_k, col_blocks, mma = config.split_k, config.col_blocks, config.mma
+    unroll = config.k_unroll
     fp16 = config.planes == "fp16"
     if fp16 and (x_planes.dtype != jnp.float16 or row_inv is None):
         raise ValueError("planes='fp16' takes fp16 x_planes and the rows' inverse scales")
@@ -617,6 +621,10 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         raise NotImplementedError(f"K/256 = {ksteps} K steps must divide into split_k={split_k}")
     split = split_k > 1
     ksteps_s = ksteps // split_k
+    if ksteps_s % unroll:
+        raise NotImplementedError(f"K/256/split_k = {ksteps_s} K steps must divide into "
+                                  f"k_unroll={unroll}")
+    psteps = ksteps_s // unroll  # pipeline steps of a program
     if (n_out // BLOCK_N) % col_blocks:
         raise NotImplementedError(f"N_out/64 = {n_out // BLOCK_N} column blocks must divide into "
                                   f"col_blocks={col_blocks}")
@@ -669,11 +677,13 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             return _mma_sync(accs, a_t, x_smem, plane)
         return mma
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, (plgpu.Layout.WGMMA,) * 4,
-                                  plgpu.RefType(), plgpu.RefType()),
-                       return_type=acc_type)
-    def apply_groups(_, acc, parts, s_ref, xg_ref):
-        return _apply_groups(acc, parts, s_ref, xg_ref)
+    def apply_groups(sub):
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, (plgpu.Layout.WGMMA,) * 4,
+                                      plgpu.RefType(), plgpu.RefType()),
+                           return_type=acc_type)
+        def apply(_, acc, parts, s_ref, xg_ref):
+            return _apply_groups(acc, parts, s_ref, xg_ref, col0=4 * sub)
+        return apply
 
     @plgpu.inline_mgpu()
     def warpgroup_barrier(_):
@@ -701,7 +711,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         rs_ref = rest.pop() if has_rs else None
         jn = jax.lax.axis_index("n")
         t = jax.lax.axis_index("t")
-        k0 = jax.lax.axis_index("s") * ksteps_s if split else 0
+        k0 = jax.lax.axis_index("s") * psteps if split else 0  # in pipeline steps
         g, row0, hi = grp_ref[t], row0_ref[t], hi_ref[t]
         tile = pl.ds(t, 1)
         obs = [col_blocks * jn + i for i in range(col_blocks)]  # the program's output blocks
@@ -726,11 +736,11 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             consts = [load_consts(cs_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)],
                                   zp_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]) for nb in nbs]
 
-            def planes_of(h, w_smem, consts_h, *, raw=False):
-                """Plane ``p`` of accumulator ``h``'s weights for this K step, in order (decoded
-                all at once, or cut from the code pairs one at a time under "one"); ``raw``:
-                ``128 + w``, the group scale left to the caller."""
-                q_s, s_s = w_smem[2 * h].at[0, 0, 0], w_smem[2 * h + 1].at[0, 0, 0]
+            def planes_of(h, w_smem, consts_h, sub, *, raw=False):
+                """Plane ``p`` of accumulator ``h``'s weights for K step ``sub`` of this
+                pipeline step, in order (decoded all at once, or cut from the code pairs one at
+                a time under "one"); ``raw``: ``128 + w``, the group scale left to the caller."""
+                q_s, s_s = w_smem[2 * h].at[0, 0, sub], w_smem[2 * h + 1].at[0, 0, sub]
                 if schedule in ("all", "half"):
                     yield from decode(pairs_only=False, raw=raw)(q_s, s_s, consts_h)
                     return
@@ -741,32 +751,34 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             def step_sync(_, x_smem, *rest):
                 *w_smem, xg_smem, accs = rest
                 accs = list(accs)
-                for h in range(len(accs)):
+                for sub, h in itertools.product(range(unroll), range(len(accs))):
                     # Each scale group's partial sums over the 4 planes, then its nibble in fp32
                     parts = tuple(zero_acc() for _ in range(4))
-                    for p, a_t in enumerate(planes_of(h, w_smem, consts[h], raw=True)):
-                        parts = tuple(mma_sync(p)(parts, a_t, x_smem))
-                    accs[h] = apply_groups(accs[h], parts, w_smem[2 * h + 1].at[0, 0, 0], xg_smem)
+                    for p, a_t in enumerate(planes_of(h, w_smem, consts[h], sub, raw=True)):
+                        parts = tuple(mma_sync(4 * sub + p)(parts, a_t, x_smem))
+                    accs[h] = apply_groups(sub)(accs[h], parts, w_smem[2 * h + 1].at[0, 0, sub],
+                                                xg_smem)
                 # mma.sync reads x with plain loads: every warp must be done with this slot
                 # before the pipeline refills it (wgmma's warpgroup-wide waits imply this).
                 warpgroup_barrier()
                 return tuple(accs)
 
-            x_spec = plgpu.BlockSpec((block_m, BLOCK_K), lambda kk: (t, k0 + kk),
+            x_spec = plgpu.BlockSpec((block_m, BLOCK_K * unroll), lambda kk: (t, k0 + kk),
                                      transforms=x_transforms)
             w_specs = []
             for nb in nbs:
                 w_specs += [
-                    plgpu.BlockSpec((1, 1, 1, 16, 256), lambda kk, nb=nb: (g, nb, k0 + kk, 0, 0)),
-                    plgpu.BlockSpec((1, 1, 1, 128), lambda kk, nb=nb: (g, nb, k0 + kk, 0)),
+                    plgpu.BlockSpec((1, 1, unroll, 16, 256),
+                                    lambda kk, nb=nb: (g, nb, k0 + kk, 0, 0)),
+                    plgpu.BlockSpec((1, 1, unroll, 128), lambda kk, nb=nb: (g, nb, k0 + kk, 0)),
                 ]
             args = (x_ref, *[r for _ in nbs for r in (qw_ref, ws_ref)])
             ss_refs = [ss_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)] for nb in nbs]
 
             if mma == "sync":  # accumulators in registers, carried through the pipeline
-                xg_spec = plgpu.BlockSpec((block_m, 4), lambda kk: (t, k0 + kk))
+                xg_spec = plgpu.BlockSpec((block_m, 4 * unroll), lambda kk: (t, k0 + kk))
                 vals = plgpu.emit_pipeline(
-                    step_sync, grid=(ksteps_s,), in_specs=[x_spec, *w_specs, xg_spec],
+                    step_sync, grid=(psteps,), in_specs=[x_spec, *w_specs, xg_spec],
                     max_concurrent_steps=stages,
                     init_carry=tuple(zero_acc() for _ in nbs))(*args, xg_ref)
                 store_tile(list(vals), ss_refs)
@@ -774,16 +786,17 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
             def with_accs(*accs):
                 def step(_, x_smem, *w_smem):
-                    for h, acc in enumerate(accs):
-                        for p, a_t in enumerate(planes_of(h, w_smem, consts[h])):
-                            plgpu.wgmma(acc, a_t, x_smem.at[:, pl.ds(64 * p, 64)].T)
+                    for sub, (h, acc) in itertools.product(range(unroll), enumerate(accs)):
+                        for p, a_t in enumerate(planes_of(h, w_smem, consts[h], sub)):
+                            plane = x_smem.at[:, pl.ds(BLOCK_K * sub + 64 * p, 64)]
+                            plgpu.wgmma(acc, a_t, plane.T)
                             if schedule == "one":  # at most one wgmma in flight reads registers
                                 plgpu.wgmma_wait(1)
                         if schedule == "half":
                             plgpu.wgmma_wait(0)
                     plgpu.wgmma_wait(0)
 
-                plgpu.emit_pipeline(step, grid=(ksteps_s,), in_specs=[x_spec, *w_specs],
+                plgpu.emit_pipeline(step, grid=(psteps,), in_specs=[x_spec, *w_specs],
                                     max_concurrent_steps=stages)(*args)
                 store_tile([acc[...] for acc in accs], ss_refs)
 
@@ -1027,8 +1040,8 @@ def block_m_for(m: int, groups: int) -> int:
     return min(64, max(8, 1 << (want - 1).bit_length()))
 
 
-def heuristic_config(m: int, groups: int, activation=None, *,
-                     n_out: int | None = None) -> MosaicConfig:
+def heuristic_config(m: int, groups: int, activation=None, *, n_out: int | None = None,
+                     k: int | None = None) -> MosaicConfig:
     """The measured rules for shapes the device's tuned table does not hold (H100 sweeps,
     ``results/NOTES.md`` §25-33): :func:`block_m_for`, :func:`schedule_for`, 2 stages; two
     64-column blocks a program (sharing the x tile) from 64 rows an expert, if ``n_out`` (the
@@ -1039,19 +1052,24 @@ def heuristic_config(m: int, groups: int, activation=None, *,
     ``mma.sync`` at 8-row tiles (300B at 1 and 16 tokens: 3.5-4.7 % faster than wgmma; from
     16-row tiles of 8+ rows an expert it lost, ``results/NOTES.md`` §37), with fp16 planes (300B
     at 1 / 4 / 16 tokens: up_gate 103 -> 91, 245 -> 228, 504 -> 497 µs; down 70 -> 59, 143 ->
-    134, 282 -> 262: §43)."""
+    134, 282 -> 262: §43); under ``mma.sync`` two K steps a pipeline step where ``k`` (the
+    depth) has an even number of them (300B at 4 / 16 tokens: up_gate 219 -> 209, 451 -> 423
+    µs, down at 16 tokens 252 -> 235; wgmma tiles lose, from the shared memory it costs:
+    §50)."""
     bm = block_m_for(m, groups)
     wide = _rows_per_expert(m, groups) >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
+    sync = bm == 8
+    unroll = 2 if sync and k is not None and (k // BLOCK_K) % 2 == 0 else 1
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(activation),
-                        col_blocks=2 if wide else 1, mma="sync" if bm == 8 else "wgmma",
-                        planes="fp16" if bm == 8 else "bf16")
+                        col_blocks=2 if wide else 1, mma="sync" if sync else "wgmma",
+                        planes="fp16" if sync else "bf16", k_unroll=unroll)
 
 
 def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:
     """The tuned config of this call's shape on this device (``tuned/<device>.json``, section
     ``mosaic``, nearest row bucket), else :func:`heuristic_config`."""
     return (tuned_mosaic_config(m, k, n_out, activation=activation, num_groups=groups)
-            or heuristic_config(m, groups, activation, n_out=n_out))
+            or heuristic_config(m, groups, activation, n_out=n_out, k=k))
 
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,

@@ -53,6 +53,11 @@ def test_mosaic_candidates_follow_the_shape():
     assert all(c.split_k == 1 for c in one_token if c.block_m == 16)
     assert {(c.mma, c.planes) for c in one_token if c.block_m == 16} == {
         ("wgmma", "bf16"), ("sync", "bf16"), ("sync", "fp16")}
+    # two K steps a pipeline step: mma.sync only, where the program's K steps divide
+    assert {c.k_unroll for c in one_token if c.mma == "sync"} == {1, 2}
+    assert all(c.k_unroll == 1 for c in one_token if c.mma == "wgmma")
+    assert {c.k_unroll for c in bench._mosaic_candidates(8, 64, 14, None)
+            if c.split_k == 2} == {1}  # 7 K steps a split
     odd_k = list(bench._mosaic_candidates(6, 64, 5, None))  # 5 K steps: no split divides but 1
     assert {c.split_k for c in odd_k} == {1}
     many = list(bench._mosaic_candidates(8192, 64, 14, None))  # 300B down, 1024 tokens

@@ -8,6 +8,7 @@ reference path on random data, and the decode bit-exactly with ``dequantize_wint
 a one-hot x.
 """
 
+import functools
 import json
 import types
 
@@ -188,16 +189,20 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         got = [kernel_mosaic.config_for(m, 8192, 3584, 64, "swiglu") for m in (8, 16, 64, 512)]
         assert got[0] == got[1] == MosaicConfig(block_m=16, stages=3, schedule="one")
         # 8x from both entries / another activation: the heuristic
-        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu", n_out=3584)
+        assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu", n_out=3584, k=8192)
         assert got[3] == MosaicConfig(block_m=32, stages=2, schedule="all")
         assert kernel_mosaic.config_for(8, 8192, 3584, 64, None) == \
-            kernel_mosaic.heuristic_config(8, 64, None, n_out=3584)
+            kernel_mosaic.heuristic_config(8, 64, None, n_out=3584, k=8192)
     finally:
         config._tuned_table.cache_clear()
     wide = kernel_mosaic.heuristic_config(8192, 64, None, n_out=8192)  # 128 rows an expert
     assert wide.block_m == 64 and wide.col_blocks == 2 and wide.mma == "wgmma"
     eight = kernel_mosaic.heuristic_config(8, 64, "swiglu")  # 8-row tiles
-    assert (eight.mma, eight.planes) == ("sync", "fp16")
+    assert (eight.mma, eight.planes, eight.k_unroll) == ("sync", "fp16", 1)  # K unknown
+    # two K steps a pipeline step under mma.sync where they divide (K = 3 x 256: one)
+    assert kernel_mosaic.heuristic_config(8, 64, "swiglu", k=8192).k_unroll == 2
+    assert kernel_mosaic.heuristic_config(8, 64, "swiglu", k=768).k_unroll == 1
+    assert kernel_mosaic.heuristic_config(8192, 64, None, n_out=8192, k=8192).k_unroll == 1
     assert kernel_mosaic.heuristic_config(8192, 64, None, n_out=192).col_blocks == 1  # 3 blocks
     assert kernel_mosaic.heuristic_config(2048, 64, None, n_out=8192).col_blocks == 1
     with pytest.raises(ValueError, match="block_m=12"):
@@ -210,6 +215,8 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         MosaicConfig(block_m=8, mma="mma")
     with pytest.raises(ValueError, match="planes='fp16' needs mma='sync'"):
         MosaicConfig(block_m=8, planes="fp16")
+    with pytest.raises(ValueError, match="k_unroll=3"):
+        MosaicConfig(block_m=8, k_unroll=3)
 
 
 @pytest.mark.skipif(ON_SM90, reason="on sm90 the kernel runs")
@@ -277,6 +284,14 @@ GPU_CASES = [
          split_k=2, mma="sync", planes="fp16", seed=23),
     dict(k=768, n=256, e=3, m=24, row_scale=True, k_order="shuffled", block_m=8, mma="sync",
          planes="fp16", seed=24),
+    # several K steps a pipeline step (one TMA issue, slot wait and barrier for all of them)
+    dict(k=1024, n=512, e=4, m=40, activation="swiglu", block_m=8, split_k=2, mma="sync",
+         planes="fp16", k_unroll=2, seed=25),
+    dict(k=1024, n=256, e=3, m=24, row_scale=True, block_m=8, mma="sync", k_unroll=4, seed=26),
+    dict(k=1024, n=512, e=4, m=300, activation="swiglu", block_m=80, schedule="one",
+         k_unroll=2, seed=27),
+    dict(k=1024, n=512, e=3, m=200, row_scale=True, block_m=48, col_blocks=2, k_unroll=2,
+         layers=2, layer=1, seed=28),
 ]
 
 
@@ -288,7 +303,8 @@ def _parse(case: dict) -> types.SimpleNamespace:
                                                split_k=c.pop("split_k", 1),
                                                col_blocks=c.pop("col_blocks", 1),
                                                mma=c.pop("mma", "wgmma"),
-                                               planes=c.pop("planes", "bf16"))
+                                               planes=c.pop("planes", "bf16"),
+                                               k_unroll=c.pop("k_unroll", 1))
     out = types.SimpleNamespace(
         k=c.pop("k"), n=c.pop("n"), e=c.pop("e"), m=c.pop("m"), seed=c.pop("seed", 0),
         layers=c.pop("layers", None), layer=c.pop("layer", None),
@@ -323,6 +339,17 @@ def test_kernel_lowers_for_cuda_on_any_host(case, monkeypatch):
             sd((c.m,), jnp.float32) if c.rs else None)
     text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def test_k_unroll_that_does_not_divide_the_k_steps_is_refused(monkeypatch):
+    monkeypatch.setattr(kernel_mosaic, "available", lambda: True)
+    sd = jax.ShapeDtypeStruct
+    w = {"quant_weight": sd((3, 192, 128), jnp.uint8), "weight_scale": sd((3, 6, 128), jnp.uint8),
+         **{f: sd((3, 128), jnp.float32) for f in ("super_scales", "code_scale", "code_zp")}}
+    cfg = MosaicConfig(block_m=8, mma="sync", k_unroll=2)  # K = 768: 3 steps of 256
+    f = functools.partial(kernel_mosaic.grouped_matmul_fragments, config=cfg)
+    with pytest.raises(NotImplementedError, match="k_unroll=2"):
+        jax.jit(f).trace(sd((8, 768), jnp.bfloat16), w, sd((3,), jnp.int32))
 
 
 @pytest.mark.gpu
