@@ -543,6 +543,9 @@ def main(argv=None) -> int:
         print(_dense_table(rows))
         return 0
     results = []
+    out = open(a.out, "w") if a.out else None  # noqa: SIM115 (rows land as they are measured)
+    if out:
+        out.write(json.dumps({"meta": meta}) + "\n")
     for name in a.shapes.split(","):
         case = Case(shapes.SHAPES[name])
         if a.tune:
@@ -556,13 +559,14 @@ def main(argv=None) -> int:
             continue
         for t in tokens:
             for routing in a.routings.split(","):
-                results += bench_row(case, t, routing, ceil, baselines=not a.no_baselines)
+                rows = bench_row(case, t, routing, ceil, baselines=not a.no_baselines)
+                results += rows
+                if out:  # a run cut short keeps what it measured
+                    out.write("".join(json.dumps(r) + "\n" for r in rows))
+                    out.flush()
         del case
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(json.dumps({"meta": meta}) + "\n")
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+    if out:
+        out.close()
     if results:
         print(f"\n{meta['device']}, jax {meta['jax']}, {meta['date']}: copy "
               f"{ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['bf16_matmul_TFLOPs']:.0f} TFLOP/s")

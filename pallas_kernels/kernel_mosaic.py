@@ -59,11 +59,13 @@ expert that straddles a block boundary). Program ``(t, j)`` (one warpgroup) comp
 col_blocks`` output columns (and their up-projection partners under SwiGLU) for x block t,
 one fp32 accumulator per 64 columns, all fed by the same x tile, and stores the rows ``[row0,
 hi)`` of its expert with per-element masked stores. The K loop is ``emit_pipeline`` (TMA into
-shared memory, 2 stages: x tile, byte chunks, scale chunks). Its schedule (``SCHEDULES``): decode
-all 4 planes of a step, issue their wgmmas, wait; or cut planes one at a time with one wgmma in
-flight (128 instead of 197 registers for the SwiGLU projection: 4 resident warpgroups an SM
-instead of 2). A K split (a third grid axis) stores fp32 partial sums for the caller to add.
-Tile rows, stages, schedule, split and column blocks come from the device's tuned table
+shared memory, 2 stages: x tile, byte chunks, scale chunks; under mma.sync two K steps a
+pipeline step, ``MosaicConfig.k_unroll``, so the TMA issue that runs in every warp and the
+per-step barrier are paid once per 512 K rows, ``results/NOTES.md`` §50). Its schedule
+(``SCHEDULES``): decode all 4 planes of a step, issue their wgmmas, wait; or cut planes one at
+a time with one wgmma in flight (128 instead of 197 registers for the SwiGLU projection: 4
+resident warpgroups an SM instead of 2). A K split (a third grid axis) stores fp32 partial sums for the caller to add.
+Tile rows, stages, schedule, split, column blocks and K unroll come from the device's tuned table
 (``config.MosaicConfig``, ``tuned/<device>.json`` section ``mosaic``) or :func:`heuristic_config`.
 
 **Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22, §33): the

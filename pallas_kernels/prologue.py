@@ -152,7 +152,8 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
 
     planes = [plane_of(c, t) for c in range(k // chunk) for t in range(4)]  # the whole row
     if fp16:  # fp16_row_scales, frexp's exponent from the float bits
-        amax = functools.reduce(jnp.maximum, (jnp.max(jnp.abs(v)) for _, v in planes))
+        # elementwise over the planes first: one reduction across threads, not one a plane
+        amax = jnp.max(functools.reduce(jnp.maximum, (jnp.abs(v) for _, v in planes)))
         biased = (jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF
         ex = jnp.maximum(jnp.where(amax > 0, biased - 126, 0), km.FP16_MIN_EXPONENT)
         scale = jax.lax.bitcast_convert_type((141 - ex) << 23, jnp.float32)  # 2^(14 - e)
@@ -160,7 +161,7 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
         plgpu.store(inv_ref.at[pl.ds(src, 1)], jnp.full((1,), inv, jnp.float32))
     offsets = km.FP16_PLANE_OFFSETS if fp16 else km.BF16_PLANE_OFFSETS
     for c in range(k // chunk):
-        group_sum = 0.0
+        weighted = 0.0  # sum_t c_t x_t elementwise, then one reduction a 16-column group
         for t in range(4):
             at, v = planes[4 * c + t]
             if fp16:  # fp16_plane_columns
@@ -168,9 +169,9 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
                 v = v.astype(jnp.float16).astype(jnp.float32)
                 v = jnp.where(jnp.abs(v) < 2.0**-14, v * 0.0, v)  # reduce_precision's flush
             xp_ref[p, at] = v.astype(xp_ref.dtype)
-            if sums_ref is not None:  # group_sums: 16 columns of a plane per scale group
-                group_sum += offsets[t] * jnp.sum(v.reshape(chunk // km.BLOCK_K, 4, 16), axis=2)
-        if sums_ref is not None:
+            weighted += offsets[t] * v
+        if sums_ref is not None:  # group_sums: 16 columns of each plane a scale group
+            group_sum = jnp.sum(weighted.reshape(chunk // km.BLOCK_K, 4, 16), axis=2)
             g = (c * (chunk // GROUP_SIZE) + steps // GROUP_SIZE
                  + jnp.arange(4, dtype=jnp.int32)[None, :])
             sums_ref[p, g] = group_sum
