@@ -64,9 +64,10 @@ pipeline step, ``MosaicConfig.k_unroll``, so the TMA issue that runs in every wa
 per-step barrier are paid once per 512 K rows, ``results/NOTES.md`` §50). Its schedule
 (``SCHEDULES``): decode all 4 planes of a step, issue their wgmmas, wait; or cut planes one at
 a time with one wgmma in flight (128 instead of 197 registers for the SwiGLU projection: 4
-resident warpgroups an SM instead of 2). A K split (a third grid axis) stores fp32 partial sums for the caller to add.
-Tile rows, stages, schedule, split, column blocks and K unroll come from the device's tuned table
-(``config.MosaicConfig``, ``tuned/<device>.json`` section ``mosaic``) or :func:`heuristic_config`.
+resident warpgroups an SM instead of 2). A K split (a third grid axis) stores fp32 partial sums
+for the caller to add. Tile rows, stages, schedule, split, column blocks and K unroll come from
+the device's tuned table (``config.MosaicConfig``, ``tuned/<device>.json`` section ``mosaic``)
+or :func:`heuristic_config`.
 
 **Why Mosaic GPU here** (measured on an H100, jax 0.11.2, ``results/NOTES.md`` §20-22, §33): the
 same decode reaches 3.6 thread instructions per weight (ncu: 53 M warp instructions for the
