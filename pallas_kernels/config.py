@@ -101,8 +101,9 @@ class MosaicConfig:
         four windows without a shift: one shift a code pair instead of three).
       k_unroll: 256-deep K steps per pipeline step (1, 2 or 4): one TMA issue, one slot wait
         and (``mma="sync"``) one warpgroup barrier for that many decode steps. The issue code
-        runs in every warp (10 % of the 1-token kernel's instructions at 1, results/NOTES.md
-        §49); more costs shared memory (x, bytes and scales of that many steps a stage).
+        runs in every warp (10 % of the 1-token kernel's instructions with one step a pipeline
+        step, results/NOTES.md §49); more steps cost shared memory (x, bytes and scales of each
+        a stage) and registers: 2 wins under mma.sync, wgmma tiles and 4 lose (§50).
     """
 
     block_m: int
