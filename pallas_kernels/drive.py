@@ -9,7 +9,8 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
 ``--kernel mosaic`` drives the Mosaic GPU kernel instead (fragment byte order; kernel name
 ``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` / ``--schedule`` / ``--split-k`` /
 ``--col-blocks`` / ``--mma`` / ``--planes`` / ``--k-unroll`` override its tuned or heuristic config;
-``--prologue xla`` prepares its operands with XLA ops instead of the Triton launch).
+``--prologue xla`` prepares its operands with XLA ops instead of the Triton launch,
+``--operand-pieces P`` with P programs a row in it).
 
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
 benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
@@ -53,6 +54,8 @@ def main(argv=None) -> None:
     p.add_argument("--prologue", choices=("pallas", "xla"), default=None,
                    help="mosaic: the operands (tile table, x planes, group sums) from one Triton "
                         "launch (default) or XLA ops (prologue.expert_operands)")
+    p.add_argument("--operand-pieces", type=int, default=1,
+                   help="mosaic: programs a row in the operand launch (prologue.expert_operands)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -75,7 +78,8 @@ def main(argv=None) -> None:
                          planes=a.planes, k_unroll=a.k_unroll)
         mcfg = dataclasses.replace(mcfg, **{f: v for f, v in overrides.items() if v is not None})
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
-            x, w, gs, activation=act, config=mcfg, prologue=a.prologue))
+            x, w, gs, activation=act, config=mcfg, prologue=a.prologue,
+            operand_pieces=a.operand_pieces))
     else:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
@@ -86,7 +90,8 @@ def main(argv=None) -> None:
     for _ in range(a.calls):
         y = f(x, w, gs)
     jax.block_until_ready(y)
-    what = (f"mosaic {mcfg} prologue={a.prologue or 'pallas'}" if a.kernel == "mosaic"
+    what = (f"mosaic {mcfg} prologue={a.prologue or 'pallas'} pieces={a.operand_pieces}"
+            if a.kernel == "mosaic"
             else cfg or "tuned config")
     print(f"{a.shape} {a.proj} tokens={a.tokens} {what}: "
           f"{(time.perf_counter() - t0) / a.calls * 1e6:.1f} us per call "

@@ -1077,14 +1077,16 @@ def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> Mosa
 
 def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_scale=None,
                              out_dtype=None, layer=None, k_order: str = "natural",
-                             config: MosaicConfig | None = None, prologue: str | None = None):
+                             config: MosaicConfig | None = None, prologue: str | None = None,
+                             operand_pieces: int = 1):
     """``epilogue(x[rows of e] @ W[e])`` for fragment-ordered WINT2 experts (rows sorted by e).
 
     ``w`` leaves ``[E, ...]`` or, with ``layer``, ``[L, E, ...]`` (read in place); ``k_order``
     the checkpoint's in-group K order (a shuffled one is undone on x's columns, together with
     the plane order). ``config`` overrides the tuned / heuristic choice (:func:`config_for`);
     ``prologue``: the operands' implementation (``prologue.expert_operands``: None/"pallas" one
-    Triton launch, "xla" the jnp composition).
+    Triton launch, "xla" the jnp composition); ``operand_pieces``: that launch's programs a row
+    (``prologue.expert_operands``' ``pieces``).
     Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
     Hopper GPU).
     """
@@ -1113,7 +1115,8 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     # into fp16's range, undone in the epilogue) and the group sums: one small launch.
     ops = expert_operands(x, group_sizes, bm=cfg.block_m, sums=cfg.mma == "sync",
                           fp16=cfg.planes == "fp16", k_order=k_order, layer=layer,
-                          num_layers=num_layers, implementation=prologue)
+                          num_layers=num_layers, implementation=prologue,
+                          pieces=operand_pieces)
     out_dtype = out_dtype or x.dtype
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     out = grouped_matmul(ops.x_planes, qwf, wsf, ss, cs, zp, ops.tiles, rs, activation=activation,

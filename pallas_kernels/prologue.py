@@ -114,18 +114,19 @@ def _tile_of(gs_ref, t, *, m: int, e: int, bm: int):
 
 
 def _operands_kernel(gs_ref, layer_ref, *refs, m: int, k: int, e: int, bm: int,
-                     num_layers: int | None, sums: bool, fp16: bool, shuffled: bool):
+                     num_layers: int | None, sums: bool, fp16: bool, shuffled: bool,
+                     pieces: int):
     cols_ref, x_ref, grp_ref, row0_ref, hi_ref, xp_ref, *rest = (
         refs if shuffled else (None, *refs))
     sums_ref = rest[0] if sums else None
     inv_ref = rest[-1] if fp16 else None
-    p = pl.program_id(0)
+    p, j = pl.program_id(0), pl.program_id(1)  # padded row p, piece j of its K
     t, i = p // bm, p % bm
     grp, row0, hi = _tile_of(gs_ref, t, m=m, e=e, bm=bm)
     if num_layers is not None:  # kernels._fold_layer
         grp = jnp.where(grp < e, grp + layer_ref[0] * e, num_layers * e)
 
-    @pl.when(i == 0)
+    @pl.when((i == 0) & (j == 0))
     def _():
         one = pl.ds(t, 1)
         for ref, v in ((grp_ref, grp), (row0_ref, row0), (hi_ref, hi)):
@@ -133,15 +134,19 @@ def _operands_kernel(gs_ref, layer_ref, *refs, m: int, k: int, e: int, bm: int,
 
     @pl.when(row0 + i < hi)  # a tile's padding rows are never stored: left unwritten
     def _():
-        _row_operands(p, row0 + i, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, k=k, fp16=fp16)
+        _row_operands(p, j, row0 + i, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, k=k,
+                      fp16=fp16, pieces=pieces)
 
 
-def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int, fp16: bool):
-    """Row ``p`` of the x planes (and its group sums) from sorted row ``src`` of x."""
+def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int, fp16: bool,
+                  pieces: int):
+    """Piece ``j`` (of ``pieces`` equal runs of K) of row ``p`` of the x planes and its group
+    sums, from sorted row ``src`` of x."""
     # Triton's vectors have power-of-two lengths: K (a multiple of 256) in equal chunks of one,
     # each as 4 planes of [chunk / 256 steps, 64]: column 256 b + 64 t + c of the plane-ordered
     # row is K row 256 b + 4 c + t (before the "shuffled" order's gather).
-    chunk = min(k & -k, _CHUNK)
+    kp = k // pieces
+    chunk = min(kp & -kp, _CHUNK)
     steps = jnp.arange(chunk // km.BLOCK_K, dtype=jnp.int32)[:, None] * km.BLOCK_K
     lanes = jnp.arange(64, dtype=jnp.int32)[None, :]
 
@@ -150,17 +155,26 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
         col = c * chunk + steps + 4 * lanes + t if cols_ref is None else cols_ref[at]
         return at, x_ref[src, col].astype(jnp.float32)
 
-    planes = [plane_of(c, t) for c in range(k // chunk) for t in range(4)]  # the whole row
+    first = j * (kp // chunk)  # the piece's first chunk
+    planes = [plane_of(first + c, t) for c in range(kp // chunk) for t in range(4)]
     if fp16:  # fp16_row_scales, frexp's exponent from the float bits
-        # elementwise over the planes first: one reduction across threads, not one a plane
-        amax = jnp.max(functools.reduce(jnp.maximum, (jnp.abs(v) for _, v in planes)))
+        # The whole row's largest |x|: with pieces, every piece reads the whole row again (they
+        # are for rows few enough that this costs nothing). Elementwise over the planes first:
+        # one reduction across threads, not one a plane.
+        row = planes if pieces == 1 else [plane_of(c, t) for c in range(k // chunk)
+                                          for t in range(4)]
+        amax = jnp.max(functools.reduce(jnp.maximum, (jnp.abs(v) for _, v in row)))
         biased = (jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF
         ex = jnp.maximum(jnp.where(amax > 0, biased - 126, 0), km.FP16_MIN_EXPONENT)
         scale = jax.lax.bitcast_convert_type((141 - ex) << 23, jnp.float32)  # 2^(14 - e)
         inv = jax.lax.bitcast_convert_type((113 + ex) << 23, jnp.float32)  # 2^(e - 14)
-        plgpu.store(inv_ref.at[pl.ds(src, 1)], jnp.full((1,), inv, jnp.float32))
+
+        @pl.when(j == 0)
+        def _():
+            plgpu.store(inv_ref.at[pl.ds(src, 1)], jnp.full((1,), inv, jnp.float32))
+
     offsets = km.FP16_PLANE_OFFSETS if fp16 else km.BF16_PLANE_OFFSETS
-    for c in range(k // chunk):
+    for c in range(kp // chunk):
         weighted = 0.0  # sum_t c_t x_t elementwise, then one reduction a 16-column group
         for t in range(4):
             at, v = planes[4 * c + t]
@@ -172,14 +186,15 @@ def _row_operands(p, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int,
             weighted += offsets[t] * v
         if sums_ref is not None:  # group_sums: 16 columns of each plane a scale group
             group_sum = jnp.sum(weighted.reshape(chunk // km.BLOCK_K, 4, 16), axis=2)
-            g = (c * (chunk // GROUP_SIZE) + steps // GROUP_SIZE
+            g = ((first + c) * (chunk // GROUP_SIZE) + steps // GROUP_SIZE
                  + jnp.arange(4, dtype=jnp.int32)[None, :])
             sums_ref[p, g] = group_sum
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "sums", "fp16", "k_order", "num_layers",
-                                             "interpret"))
-def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_layers, interpret):
+                                             "interpret", "pieces"))
+def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_layers, interpret,
+                     pieces=1):
     m, k = x.shape
     e = group_sizes.shape[0]
     rows = _num_tiles(m, bm, e) * bm
@@ -193,9 +208,9 @@ def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_laye
     shuffled = k_order != "natural"
     cols = (jnp.asarray(_column_order(k, km.BLOCK_K, 4, k_order)),) if shuffled else ()
     kernel = functools.partial(_operands_kernel, m=m, k=k, e=e, bm=bm, num_layers=num_layers,
-                               sums=sums, fp16=fp16, shuffled=shuffled)
+                               sums=sums, fp16=fp16, shuffled=shuffled, pieces=pieces)
     grp, row0, hi, xp, *rest = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(rows,), interpret=interpret,
+        kernel, out_shape=out_shape, grid=(rows, pieces), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
         name="wint2_expert_operands",
     )(group_sizes.astype(jnp.int32), layer, *cols, x)
@@ -205,18 +220,26 @@ def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_laye
 
 def expert_operands(x, group_sizes, *, bm: int, sums: bool, fp16: bool,
                     k_order: str = "natural", layer=None, num_layers: int = 1,
-                    implementation: str | None = None) -> ExpertOperands:
+                    implementation: str | None = None, pieces: int = 1) -> ExpertOperands:
     """The Mosaic kernel's operands for rows ``x [M, K]`` (bf16, sorted by group) and
     ``group_sizes [E]``: one Triton launch (``implementation="pallas"``, the default on a GPU;
     interpret mode elsewhere), or the jnp composition (``"xla"``). ``sums``: the mma.sync
-    path's group sums; ``fp16``: fp16 planes. ``layer`` (traced): as ``kernels.expert_tiles``."""
+    path's group sums; ``fp16``: fp16 planes. ``layer`` (traced): as ``kernels.expert_tiles``.
+    ``pieces``: programs a row, each taking ``K / pieces`` columns (a multiple of 256), for
+    launches of a few rows whose programs each walk a whole row in turn (at one token: 8 rows,
+    one program an SM on 8 SMs). Not yet measured on a GPU: the default keeps one program a
+    row (``results/NOTES.md`` §50)."""
     if implementation not in (None, "pallas", "xla"):
         raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
+    k = x.shape[1]
+    if pieces < 1 or k % pieces or (k // pieces) % km.BLOCK_K:
+        raise ValueError(f"pieces={pieces} must split K={k} into multiples of {km.BLOCK_K}")
     kw = dict(bm=bm, sums=sums, fp16=fp16, k_order=k_order)
     if implementation == "xla":
         return expert_operands_reference(x, group_sizes, layer=layer, num_layers=num_layers, **kw)
     layer_arr = jnp.zeros((1,), jnp.int32) if layer is None else (
         jnp.asarray(layer, jnp.int32).reshape(1))
     return _expert_operands(x, group_sizes, layer_arr, num_layers=None if layer is None
-                            else num_layers, interpret=jax.default_backend() != "gpu", **kw)
+                            else num_layers, interpret=jax.default_backend() != "gpu",
+                            pieces=pieces, **kw)
 

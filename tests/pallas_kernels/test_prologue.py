@@ -41,6 +41,10 @@ def _run(case, **kw):
                                     num_layers=layers, **kw)
 
 
+def _pieces(k):  # several programs a row: 1, 2 or 3 of them, whole K steps each
+    return k // km.BLOCK_K if k // km.BLOCK_K <= 3 else 2
+
+
 def _assert_same(got, want, *, bm: int, sums: bool, fp16: bool):
     for a, b, name in zip(got.tiles, want.tiles, ("group", "row0", "hi"), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
@@ -76,6 +80,18 @@ def test_one_launch_equals_the_jnp_composition(case):
     _assert_same(got, want, bm=case[3], sums=case[4], fp16=case[5])
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-bm{c[3]}-{c[6]}")
+def test_rows_in_pieces_equal_the_jnp_composition(case):
+    """Several programs a row (each K / pieces columns; fp16 rows' scale from the whole row)."""
+    got = _run(case, pieces=_pieces(case[1]))
+    _assert_same(got, _run(case, implementation="xla"), bm=case[3], sums=case[4], fp16=case[5])
+
+
+def test_pieces_that_do_not_split_k_into_steps_are_refused():
+    with pytest.raises(ValueError, match="pieces=3 must split K=512"):
+        _run(CASES[0], pieces=3)
+
+
 def test_fp16_rows_fit_fp16_and_the_inverse_undoes_the_scale():
     """Independent of the code under test: every row's largest scaled value is in [2^13, 2^14)
     (or the row is zero / under the exponent floor), and ``row_inv`` is a power of two."""
@@ -94,17 +110,20 @@ def test_fp16_rows_fit_fp16_and_the_inverse_undoes_the_scale():
             assert 2.0**13 <= amax < 2.0**14
 
 
-@pytest.mark.parametrize("m,k,bm,sums,fp16,k_order,layers", [
-    (8, 8192, 8, True, True, "natural", None),  # 300B up_gate at 1 token
-    (128, 2560, 16, False, False, "shuffled", 3),  # 21B up_gate, wgmma, a layer stack
-    (48, 3584, 8, True, False, "natural", None),  # 300B down: 7 pieces of 512
+@pytest.mark.parametrize("m,k,bm,sums,fp16,k_order,layers,pieces", [
+    (8, 8192, 8, True, True, "natural", None, 1),  # 300B up_gate at 1 token
+    (8, 8192, 8, True, True, "natural", None, 8),  # ... 8 programs a row
+    (128, 2560, 16, False, False, "shuffled", 3, 1),  # 21B up_gate, wgmma, a layer stack
+    (48, 3584, 8, True, False, "natural", None, 1),  # 300B down: 7 chunks of 512
+    (8, 3584, 8, True, False, "natural", None, 7),  # ... 7 programs a row
 ])
-def test_lowers_through_triton_for_cuda(m, k, bm, sums, fp16, k_order, layers):
+def test_lowers_through_triton_for_cuda(m, k, bm, sums, fp16, k_order, layers, pieces):
     """The Triton lowering (shapes, dtypes, gathers) runs without a GPU on jax 0.10; newer jax
     wants a GPU's description for it and the test then skips."""
     def f(x, gs, layer):
         return prologue._expert_operands(x, gs, layer, bm=bm, sums=sums, fp16=fp16,
-                                         k_order=k_order, num_layers=layers, interpret=False)
+                                         k_order=k_order, num_layers=layers, interpret=False,
+                                         pieces=pieces)
 
     sd = jax.ShapeDtypeStruct
     try:
@@ -118,8 +137,9 @@ def test_lowers_through_triton_for_cuda(m, k, bm, sums, fp16, k_order, layers):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["one-program-a-row", "pieces"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-bm{c[3]}-{c[6]}")
-def test_compiled_kernel_equals_the_jnp_composition(case):
-    got = jax.jit(lambda: _run(case))()
+def test_compiled_kernel_equals_the_jnp_composition(case, split):
+    got = jax.jit(lambda: _run(case, pieces=_pieces(case[1]) if split else 1))()
     want = _run(case, implementation="xla")
     _assert_same(got, want, bm=case[3], sums=case[4], fp16=case[5])
