@@ -120,13 +120,14 @@ def _operands_kernel(gs_ref, layer_ref, *refs, m: int, k: int, e: int, bm: int,
         refs if shuffled else (None, *refs))
     sums_ref = rest[0] if sums else None
     inv_ref = rest[-1] if fp16 else None
-    p, j = pl.program_id(0), pl.program_id(1)  # padded row p, piece j of its K
+    p = pl.program_id(0)  # padded row p; piece j of its K (one piece: the grid is 1-D)
+    j = pl.program_id(1) if pieces > 1 else 0
     t, i = p // bm, p % bm
     grp, row0, hi = _tile_of(gs_ref, t, m=m, e=e, bm=bm)
     if num_layers is not None:  # kernels._fold_layer
         grp = jnp.where(grp < e, grp + layer_ref[0] * e, num_layers * e)
 
-    @pl.when((i == 0) & (j == 0))
+    @pl.when((i == 0) if pieces == 1 else (i == 0) & (j == 0))
     def _():
         one = pl.ds(t, 1)
         for ref, v in ((grp_ref, grp), (row0_ref, row0), (hi_ref, hi)):
@@ -168,10 +169,12 @@ def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: i
         ex = jnp.maximum(jnp.where(amax > 0, biased - 126, 0), km.FP16_MIN_EXPONENT)
         scale = jax.lax.bitcast_convert_type((141 - ex) << 23, jnp.float32)  # 2^(14 - e)
         inv = jax.lax.bitcast_convert_type((113 + ex) << 23, jnp.float32)  # 2^(e - 14)
-
-        @pl.when(j == 0)
-        def _():
-            plgpu.store(inv_ref.at[pl.ds(src, 1)], jnp.full((1,), inv, jnp.float32))
+        store_inv = functools.partial(plgpu.store, inv_ref.at[pl.ds(src, 1)],
+                                      jnp.full((1,), inv, jnp.float32))
+        if pieces == 1:
+            store_inv()
+        else:
+            pl.when(j == 0)(store_inv)
 
     offsets = km.FP16_PLANE_OFFSETS if fp16 else km.BF16_PLANE_OFFSETS
     for c in range(kp // chunk):
@@ -210,7 +213,8 @@ def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_laye
     kernel = functools.partial(_operands_kernel, m=m, k=k, e=e, bm=bm, num_layers=num_layers,
                                sums=sums, fp16=fp16, shuffled=shuffled, pieces=pieces)
     grp, row0, hi, xp, *rest = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(rows, pieces), interpret=interpret,
+        kernel, out_shape=out_shape, grid=(rows, pieces) if pieces > 1 else (rows,),
+        interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
         name="wint2_expert_operands",
     )(group_sizes.astype(jnp.int32), layer, *cols, x)
