@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import kernel_mosaic as km
 from .kernels import _column_order, _permute_columns, expert_tiles
+from .reference import apply_epilogue
 from .wint2 import GROUP_SIZE
 
 # The largest power-of-two piece of a row handled at once, and warps a program (NOTES §48's A/B)
@@ -65,10 +66,18 @@ def _num_tiles(m: int, bm: int, e: int) -> int:
     return m // bm + min(e + 1, m)  # expert_tiles' bound
 
 
+def swiglu_rows(partials):
+    """The bf16 rows that a SwiGLU projection split over K hands the next one: its fp32 partial
+    sums ``[S, M, 2N]`` (gate | up) added, ``silu(gate) * up`` in fp32, rounded to bf16."""
+    return apply_epilogue(partials.sum(0), "swiglu", None).astype(jnp.bfloat16)
+
+
 def expert_operands_reference(x, group_sizes, *, bm: int, sums: bool, fp16: bool,
-                              k_order: str = "natural", layer=None,
-                              num_layers: int = 1) -> ExpertOperands:
+                              k_order: str = "natural", layer=None, num_layers: int = 1,
+                              swiglu_partials: bool = False) -> ExpertOperands:
     """The jnp composition that :func:`expert_operands` fuses (the spec for its tests)."""
+    if swiglu_partials:
+        x = swiglu_rows(x)
     m, k = x.shape
     tiles, src = expert_tiles(group_sizes, m, bm, layer=layer, num_layers=num_layers)
     row_inv = None
@@ -115,7 +124,7 @@ def _tile_of(gs_ref, t, *, m: int, e: int, bm: int):
 
 def _operands_kernel(gs_ref, layer_ref, *refs, m: int, k: int, e: int, bm: int,
                      num_layers: int | None, sums: bool, fp16: bool, shuffled: bool,
-                     pieces: int):
+                     pieces: int, swiglu: bool):
     cols_ref, x_ref, grp_ref, row0_ref, hi_ref, xp_ref, *rest = (
         refs if shuffled else (None, *refs))
     sums_ref = rest[0] if sums else None
@@ -136,13 +145,14 @@ def _operands_kernel(gs_ref, layer_ref, *refs, m: int, k: int, e: int, bm: int,
     @pl.when(row0 + i < hi)  # a tile's padding rows are never stored: left unwritten
     def _():
         _row_operands(p, j, row0 + i, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, k=k,
-                      fp16=fp16, pieces=pieces)
+                      fp16=fp16, pieces=pieces, swiglu=swiglu)
 
 
 def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: int, fp16: bool,
-                  pieces: int):
+                  pieces: int, swiglu: bool):
     """Piece ``j`` (of ``pieces`` equal runs of K) of row ``p`` of the x planes and its group
-    sums, from sorted row ``src`` of x."""
+    sums, from sorted row ``src`` of x (``swiglu``: of :func:`swiglu_rows` of the partial sums
+    ``x_ref [S, M, 2K]``)."""
     # Triton's vectors have power-of-two lengths: K (a multiple of 256) in equal chunks of one,
     # each as 4 planes of [chunk / 256 steps, 64]: column 256 b + 64 t + c of the plane-ordered
     # row is K row 256 b + 4 c + t (before the "shuffled" order's gather).
@@ -151,10 +161,19 @@ def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: i
     steps = jnp.arange(chunk // km.BLOCK_K, dtype=jnp.int32)[:, None] * km.BLOCK_K
     lanes = jnp.arange(64, dtype=jnp.int32)[None, :]
 
+    def row_values(col):  # x[src, col] as fp32
+        if not swiglu:
+            return x_ref[src, col].astype(jnp.float32)
+        # swiglu_rows: the splits' sums of the gate and up columns, silu(gate) * up, bf16
+        gate, up = (functools.reduce(jnp.add, (x_ref[s, src, off + col]
+                                               for s in range(x_ref.shape[0])))
+                    for off in (0, k))
+        return (jax.nn.silu(gate) * up).astype(jnp.bfloat16).astype(jnp.float32)
+
     def plane_of(c, t):  # plane t of chunk c: (its columns in x_planes, x's values there)
         at = c * chunk + steps + 64 * t + lanes
         col = c * chunk + steps + 4 * lanes + t if cols_ref is None else cols_ref[at]
-        return at, x_ref[src, col].astype(jnp.float32)
+        return at, row_values(col)
 
     first = j * (kp // chunk)  # the piece's first chunk
     planes = [plane_of(first + c, t) for c in range(kp // chunk) for t in range(4)]
@@ -195,10 +214,10 @@ def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: i
 
 
 @functools.partial(jax.jit, static_argnames=("bm", "sums", "fp16", "k_order", "num_layers",
-                                             "interpret", "pieces"))
+                                             "interpret", "pieces", "swiglu_partials"))
 def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_layers, interpret,
-                     pieces=1):
-    m, k = x.shape
+                     pieces=1, swiglu_partials=False):
+    m, k = x.shape[-2], x.shape[-1] // (2 if swiglu_partials else 1)
     e = group_sizes.shape[0]
     rows = _num_tiles(m, bm, e) * bm
     tiles = jax.ShapeDtypeStruct((rows // bm,), jnp.int32)
@@ -211,7 +230,8 @@ def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_laye
     shuffled = k_order != "natural"
     cols = (jnp.asarray(_column_order(k, km.BLOCK_K, 4, k_order)),) if shuffled else ()
     kernel = functools.partial(_operands_kernel, m=m, k=k, e=e, bm=bm, num_layers=num_layers,
-                               sums=sums, fp16=fp16, shuffled=shuffled, pieces=pieces)
+                               sums=sums, fp16=fp16, shuffled=shuffled, pieces=pieces,
+                               swiglu=swiglu_partials)
     grp, row0, hi, xp, *rest = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(rows, pieces) if pieces > 1 else (rows,),
         interpret=interpret,
@@ -224,7 +244,8 @@ def _expert_operands(x, group_sizes, layer, *, bm, sums, fp16, k_order, num_laye
 
 def expert_operands(x, group_sizes, *, bm: int, sums: bool, fp16: bool,
                     k_order: str = "natural", layer=None, num_layers: int = 1,
-                    implementation: str | None = None, pieces: int = 1) -> ExpertOperands:
+                    implementation: str | None = None, pieces: int = 1,
+                    swiglu_partials: bool = False) -> ExpertOperands:
     """The Mosaic kernel's operands for rows ``x [M, K]`` (bf16, sorted by group) and
     ``group_sizes [E]``: one Triton launch (``implementation="pallas"``, the default on a GPU;
     interpret mode elsewhere), or the jnp composition (``"xla"``). ``sums``: the mma.sync
@@ -232,13 +253,18 @@ def expert_operands(x, group_sizes, *, bm: int, sums: bool, fp16: bool,
     ``pieces``: programs a row, each taking ``K / pieces`` columns (a multiple of 256), for
     launches of a few rows whose programs each walk a whole row in turn (at one token: 8 rows,
     one program an SM on 8 SMs). Not yet measured on a GPU: the default keeps one program a
-    row (``results/NOTES.md`` §50)."""
+    row (``results/NOTES.md`` §51). ``swiglu_partials``: ``x`` is a SwiGLU projection's fp32
+    split-K partial sums ``[S, M, 2K]`` (gate | up) and the rows are :func:`swiglu_rows` of
+    them, computed here instead of by an XLA epilogue between the two projections."""
     if implementation not in (None, "pallas", "xla"):
         raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
-    k = x.shape[1]
+    if swiglu_partials and (x.ndim != 3 or x.dtype != jnp.float32 or x.shape[-1] % 2):
+        raise ValueError("swiglu_partials takes fp32 partial sums [S, M, 2K], got "
+                         f"{x.dtype} {x.shape}")
+    k = x.shape[-1] // (2 if swiglu_partials else 1)
     if pieces < 1 or k % pieces or (k // pieces) % km.BLOCK_K:
         raise ValueError(f"pieces={pieces} must split K={k} into multiples of {km.BLOCK_K}")
-    kw = dict(bm=bm, sums=sums, fp16=fp16, k_order=k_order)
+    kw = dict(bm=bm, sums=sums, fp16=fp16, k_order=k_order, swiglu_partials=swiglu_partials)
     if implementation == "xla":
         return expert_operands_reference(x, group_sizes, layer=layer, num_layers=num_layers, **kw)
     layer_arr = jnp.zeros((1,), jnp.int32) if layer is None else (

@@ -87,6 +87,48 @@ def test_rows_in_pieces_equal_the_jnp_composition(case):
     _assert_same(got, _run(case, implementation="xla"), bm=case[3], sums=case[4], fp16=case[5])
 
 
+SWIGLU_CASES = [  # m, k, group sizes, bm, sums, fp16, k_order, (layer, layers), splits, pieces
+    (8, 512, [2, 0, 3], 8, True, True, "natural", None, 2, 1),
+    (16, 768, [2, 0, 3, 5], 8, True, False, "shuffled", None, 4, 3),
+    (24, 1024, [10, 3, 0, 11], 16, False, False, "natural", (1, 2), 2, 2),
+]
+
+
+def _partials(s, m, k, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal((s, m, 2 * k)) * np.exp2(rng.integers(-6, 6, (1, m, 1)))
+    return jnp.asarray(p, jnp.float32)
+
+
+def _run_swiglu(case, **kw):
+    m, k, sizes, bm, sums, fp16, k_order, lay, splits, pieces = case
+    layer, layers = lay or (None, 1)
+    return prologue.expert_operands(_partials(splits, m, k), jnp.asarray(sizes, jnp.int32),
+                                    bm=bm, sums=sums, fp16=fp16, k_order=k_order, layer=layer,
+                                    num_layers=layers, swiglu_partials=True, **kw)
+
+
+@pytest.mark.parametrize("case", SWIGLU_CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-s{c[8]}")
+def test_rows_from_swiglu_partials_equal_the_jnp_composition(case):
+    """The down projection's operands straight from the up_gate's split-K partial sums: the
+    sum, SwiGLU and bf16 rounding of the rows happen in the launch (``swiglu_rows``)."""
+    got = _run_swiglu(case, pieces=case[-1])
+    _assert_same(got, _run_swiglu(case, implementation="xla"), bm=case[3], sums=case[4],
+                 fp16=case[5])
+    # and the spec itself against numpy: silu(sum of gates) * sum of ups, rounded to bf16
+    p = np.asarray(_partials(case[8], case[0], case[1]), np.float64).sum(0)
+    g, u = p[:, :case[1]], p[:, case[1]:]
+    want = g / (1 + np.exp(-g)) * u
+    got_rows = np.asarray(prologue.swiglu_rows(_partials(case[8], case[0], case[1])), np.float64)
+    np.testing.assert_allclose(got_rows, want, rtol=2**-8, atol=1e-9)  # fp32 sums vs float64
+
+
+def test_swiglu_partials_must_be_fp32_splits():
+    with pytest.raises(ValueError, match="swiglu_partials takes fp32 partial sums"):
+        prologue.expert_operands(_x(8, 512), jnp.asarray([8], jnp.int32), bm=8, sums=True,
+                                 fp16=False, swiglu_partials=True)
+
+
 def test_pieces_that_do_not_split_k_into_steps_are_refused():
     with pytest.raises(ValueError, match="pieces=3 must split K=512"):
         _run(CASES[0], pieces=3)
@@ -110,30 +152,50 @@ def test_fp16_rows_fit_fp16_and_the_inverse_undoes_the_scale():
             assert 2.0**13 <= amax < 2.0**14
 
 
-@pytest.mark.parametrize("m,k,bm,sums,fp16,k_order,layers,pieces", [
-    (8, 8192, 8, True, True, "natural", None, 1),  # 300B up_gate at 1 token
-    (8, 8192, 8, True, True, "natural", None, 8),  # ... 8 programs a row
-    (128, 2560, 16, False, False, "shuffled", 3, 1),  # 21B up_gate, wgmma, a layer stack
-    (48, 3584, 8, True, False, "natural", None, 1),  # 300B down: 7 chunks of 512
-    (8, 3584, 8, True, False, "natural", None, 7),  # ... 7 programs a row
+@pytest.mark.parametrize("m,k,bm,sums,fp16,k_order,layers,pieces,splits", [
+    (8, 8192, 8, True, True, "natural", None, 1, 0),  # 300B up_gate at 1 token
+    (8, 8192, 8, True, True, "natural", None, 8, 0),  # ... 8 programs a row
+    (128, 2560, 16, False, False, "shuffled", 3, 1, 0),  # 21B up_gate, wgmma, a layer stack
+    (48, 3584, 8, True, False, "natural", None, 1, 0),  # 300B down: 7 chunks of 512
+    (8, 3584, 8, True, False, "natural", None, 7, 0),  # ... 7 programs a row
+    (8, 3584, 8, True, True, "natural", None, 7, 2),  # ... from the up_gate's 2 K splits
 ])
-def test_lowers_through_triton_for_cuda(m, k, bm, sums, fp16, k_order, layers, pieces):
+def test_lowers_through_triton_for_cuda(m, k, bm, sums, fp16, k_order, layers, pieces, splits):
     """The Triton lowering (shapes, dtypes, gathers) runs without a GPU on jax 0.10; newer jax
     wants a GPU's description for it and the test then skips."""
     def f(x, gs, layer):
         return prologue._expert_operands(x, gs, layer, bm=bm, sums=sums, fp16=fp16,
                                          k_order=k_order, num_layers=layers, interpret=False,
-                                         pieces=pieces)
+                                         pieces=pieces, swiglu_partials=splits > 0)
 
     sd = jax.ShapeDtypeStruct
+    x = sd((splits, m, 2 * k), jnp.float32) if splits else sd((m, k), jnp.bfloat16)
     try:
-        lowered = jax.jit(f).trace(sd((m, k), jnp.bfloat16), sd((64,), jnp.int32),
+        lowered = jax.jit(f).trace(x, sd((64,), jnp.int32),
                                    sd((1,), jnp.int32)).lower(lowering_platforms=("cuda",))
     except RuntimeError as err:
         if "No supported GPU" in str(err):
             pytest.skip("this jax's Triton lowering needs a GPU")
         raise
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", SWIGLU_CASES, ids=lambda c: f"m{c[0]}-k{c[1]}-s{c[8]}")
+def test_compiled_swiglu_partials_match_the_jnp_composition(case):
+    """Compiled, the launch's exp (Triton) and XLA's may differ in the last bits of silu, so an
+    element of h may sit one bf16 ulp away; everything else is as on the CPU."""
+    got = jax.jit(lambda: _run_swiglu(case, pieces=case[-1]))()
+    want = _run_swiglu(case, implementation="xla")
+    for a, b in zip(got.tiles, want.tiles, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, row0, hi = (np.asarray(a) for a in want.tiles)
+    rows = [t * case[3] + i for t in range(len(row0)) for i in range(case[3])
+            if row0[t] + i < hi[t]]
+    a = np.asarray(got.x_planes, np.float32)[rows]
+    b = np.asarray(want.x_planes, np.float32)[rows]
+    np.testing.assert_allclose(a, b, rtol=2**-7)
+    assert (a == b).mean() > 0.99
 
 
 @pytest.mark.gpu
