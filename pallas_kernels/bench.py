@@ -100,6 +100,14 @@ def ffn_pallas(x, w_up, w_down, gs, rw, *, fmt, impl="pallas", byte_order="rows"
     return quant_grouped_matmul(h, w_down, gs, row_scale=rw, **kw)
 
 
+def ffn_mosaic_fused(x, w_up, w_down, gs, rw, *, fmt, impl="pallas", byte_order="fragments"):
+    """The Mosaic FFN as one op (``kernel_mosaic.expert_ffn_fragments``: a K-split up_gate's
+    partial sums go straight to the down's operand launch); ``impl="xla"``: the reference."""
+    if impl == "xla":
+        return ffn_pallas(x, w_up, w_down, gs, rw, fmt=fmt, impl=impl, byte_order=byte_order)
+    return kernel_mosaic.expert_ffn_fragments(x, w_up, w_down, gs, row_scale=rw)
+
+
 def ffn_static(x, w_up, w_down, rw, *, fmt, sizes):
     """XLA per-expert matmuls over the active experts (``sizes``: rows of each, known statically).
 
@@ -158,7 +166,8 @@ def _instances_count(active_bytes: int, rows: int, hidden: int) -> int:
     return r
 
 
-def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: bool) -> list[dict]:
+def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: bool,
+              fused_ffn: bool = False) -> list[dict]:
     s = case.shape
     ids = shapes.route(tokens, s, routing, seed=tokens)
     gs = shapes.group_sizes(ids, s.experts)
@@ -187,7 +196,8 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
     if case.frag is not None:
         runs.insert(0, ("pallas_mosaic", "wint2", case.frag, "fragments"))
     for impl, fmt, (w_up, w_down), order in runs:
-        fn = functools.partial(ffn_pallas, fmt=fmt, byte_order=order)
+        op = ffn_mosaic_fused if fused_ffn and impl == "pallas_mosaic" else ffn_pallas
+        fn = functools.partial(op, fmt=fmt, byte_order=order)
         insts = [(xs[i], w_up, w_down, jnp.asarray(np.roll(gs, shifts[i])), rw) for i in range(r)]
         y = jax.jit(fn)(*insts[0])
         if rows * s.experts * s.hidden * 2 > 16 * 2**30:
@@ -196,8 +206,7 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
                   f"{rows * s.experts * s.hidden * 2 / 2**30:.0f} GiB)", flush=True)
             record(impl, fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
             continue
-        ref = jax.jit(functools.partial(ffn_pallas, fmt=fmt, impl="xla",
-                                        byte_order=order))(*insts[0])
+        ref = jax.jit(functools.partial(op, fmt=fmt, impl="xla", byte_order=order))(*insts[0])
         # Two chained bf16 roundings (h, then y): a one-ulp difference in h moves y, so the
         # FFN is held to rel-L2 and 97% elementwise; each op alone is checked tighter (checks).
         assert_close(y, ref, rel_l2=1e-2, min_frac_close=0.97,
@@ -510,6 +519,8 @@ def main(argv=None) -> int:
     p.add_argument("--routings", default=",".join(shapes.ROUTINGS))
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--fused-ffn", action="store_true",
+                   help="time the Mosaic FFN as one op (kernel_mosaic.expert_ffn_fragments)")
     p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
     p.add_argument("--tune-mosaic", action="store_true",
@@ -559,7 +570,8 @@ def main(argv=None) -> int:
             continue
         for t in tokens:
             for routing in a.routings.split(","):
-                rows = bench_row(case, t, routing, ceil, baselines=not a.no_baselines)
+                rows = bench_row(case, t, routing, ceil, baselines=not a.no_baselines,
+                                 fused_ffn=a.fused_ffn)
                 results += rows
                 if out:  # a run cut short keeps what it measured
                     out.write("".join(json.dumps(r) + "\n" for r in rows))

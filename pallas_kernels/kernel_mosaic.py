@@ -1090,15 +1090,54 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
     Hopper GPU).
     """
+    if x.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"the Mosaic WINT2 kernel takes bf16 x, got {x.dtype}")
+    return _projection(x, w, group_sizes, activation=activation, row_scale=row_scale,
+                       out_dtype=out_dtype or x.dtype, layer=layer, k_order=k_order,
+                       config=config, prologue=prologue, operand_pieces=operand_pieces)
+
+
+def expert_ffn_fragments(x, w_up: dict, w_down: dict, group_sizes, *, row_scale=None,
+                         out_dtype=None, layer=None, k_order: str = "natural",
+                         configs: tuple[MosaicConfig | None, MosaicConfig | None] = (None, None),
+                         prologue: str | None = None, operand_pieces: int = 1):
+    """The whole expert FFN ``row_scale * (swiglu(x @ W_up[e]) @ W_down[e])`` of fragment-ordered
+    WINT2 experts: :func:`grouped_matmul_fragments` twice, except that when the up_gate splits
+    K (its config's ``split_k > 1``, the tuned choice at a few tokens) its fp32 partial sums go
+    straight into the down projection's operand launch (``prologue.expert_operands(...,
+    swiglu_partials=True)`` adds them, applies SwiGLU and rounds h to bf16) instead of through
+    an XLA epilogue between the two projections: one launch and one round trip of h less (3.0
+    µs of the 300B's ~123 µs at one token, ``results/NOTES.md`` §53). ``configs``: (up_gate,
+    down) overrides of :func:`config_for`; the rest as :func:`grouped_matmul_fragments`.
+    """
+    if x.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"the Mosaic WINT2 kernel takes bf16 x, got {x.dtype}")
+    m, hidden = x.shape
+    e = w_up["quant_weight"].shape[-3]
+    cfg_up = configs[0] or config_for(m, hidden, w_up["quant_weight"].shape[-1] // 2, e,
+                                      "swiglu")
+    kw = dict(layer=layer, k_order=k_order, prologue=prologue, operand_pieces=operand_pieces)
+    h = _projection(x, w_up, group_sizes, activation="swiglu", row_scale=None,
+                    out_dtype=x.dtype, config=cfg_up, keep_partials=True, **kw)
+    return _projection(h, w_down, group_sizes, activation=None, row_scale=row_scale,
+                       out_dtype=out_dtype or x.dtype, config=configs[1],
+                       swiglu_partials=cfg_up.split_k > 1, **kw)
+
+
+def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, layer, k_order,
+                config, prologue, operand_pieces, keep_partials: bool = False,
+                swiglu_partials: bool = False):
+    """One grouped projection. ``x``: bf16 rows ``[M, K]``, or (``swiglu_partials``) a SwiGLU
+    projection's fp32 split-K partial sums ``[S, M, 2K]`` whose rows the operand launch forms.
+    ``keep_partials``: a K-split config returns its fp32 partial sums ``[S, M, N]`` instead of
+    adding them and applying the epilogue."""
     from .kernels import _weights
     from .prologue import expert_operands
 
     qw = w["quant_weight"]
     if not available():
         raise NotImplementedError("the Mosaic WINT2 kernel needs a Hopper GPU (sm_90)")
-    if x.dtype != jnp.bfloat16:
-        raise NotImplementedError(f"the Mosaic WINT2 kernel takes bf16 x, got {x.dtype}")
-    m, k = x.shape
+    m, k = x.shape[-2], x.shape[-1] // (2 if swiglu_partials else 1)
     n = qw.shape[-1]
     _check_dims(k, n)
     if 4 * qw.shape[-2] != k:
@@ -1116,12 +1155,11 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     ops = expert_operands(x, group_sizes, bm=cfg.block_m, sums=cfg.mma == "sync",
                           fp16=cfg.planes == "fp16", k_order=k_order, layer=layer,
                           num_layers=num_layers, implementation=prologue,
-                          pieces=operand_pieces)
-    out_dtype = out_dtype or x.dtype
+                          pieces=operand_pieces, swiglu_partials=swiglu_partials)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     out = grouped_matmul(ops.x_planes, qwf, wsf, ss, cs, zp, ops.tiles, rs, activation=activation,
                          out_dtype=out_dtype, config=cfg, m_out=m, row_inv=ops.row_inv,
                          sums=ops.sums)
-    if cfg.split_k > 1:  # [split, M, N] fp32 partial sums: add, then the epilogue
+    if cfg.split_k > 1 and not keep_partials:  # [split, M, N] fp32 partial sums: add, epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype)
     return out
