@@ -10,7 +10,8 @@ For profilers: a process with nothing but this kernel (and its tile table) in it
 ``wint2_fragments_matmul``; ``--block-m`` / ``--stages`` / ``--schedule`` / ``--split-k`` /
 ``--col-blocks`` / ``--mma`` / ``--planes`` / ``--k-unroll`` override its tuned or heuristic config;
 ``--prologue xla`` prepares its operands with XLA ops instead of the Triton launch,
-``--operand-pieces P`` with P programs a row in it).
+``--operand-pieces P`` with P programs a row in it). ``--proj ffn`` drives the whole expert FFN
+(tuned configs; with ``--kernel mosaic --fused-ffn`` as one op, ``expert_ffn_fragments``).
 
 Prints the mean wall time per call over ``--calls`` pipelined calls (one sync at the end). The
 benchmark proper, with checks and baselines, is :mod:`pallas_kernels.bench`.
@@ -33,7 +34,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="ernie45_300b", choices=sorted(shapes.SHAPES))
     p.add_argument("--tokens", type=int, default=1)
-    p.add_argument("--proj", choices=("up_gate", "down"), default="up_gate")
+    p.add_argument("--proj", choices=("up_gate", "down", "ffn"), default="up_gate",
+                   help="one projection, or the whole expert FFN (both, tuned configs)")
     p.add_argument("--config", default=None,
                    help="block_m,block_n,block_k,num_warps,mode,split_k (default: tuned)")
     p.add_argument("--calls", type=int, default=20)
@@ -56,6 +58,8 @@ def main(argv=None) -> None:
                         "launch (default) or XLA ops (prologue.expert_operands)")
     p.add_argument("--operand-pieces", type=int, default=1,
                    help="mosaic: programs a row in the operand launch (prologue.expert_operands)")
+    p.add_argument("--fused-ffn", action="store_true",
+                   help="mosaic, --proj ffn: the FFN as one op (expert_ffn_fragments)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -63,6 +67,8 @@ def main(argv=None) -> None:
         cfg = TuningConfig(block_m=int(bm), block_n=int(bn), block_k=int(bk), num_warps=int(nw),
                            mode=mode, split_k=int(split))
     s = shapes.SHAPES[a.shape]
+    if a.proj == "ffn":
+        return _ffn(a, s, cfg)
     k, n = s.up_gate if a.proj == "up_gate" else s.down
     act = "swiglu" if a.proj == "up_gate" else None
     w = shapes.random_linear(jax.random.key(0), "wint2", k, n, s.experts)
@@ -84,15 +90,50 @@ def main(argv=None) -> None:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
             config=cfg))
-    for _ in range(3):  # compile, warm up
-        jax.block_until_ready(f(x, w, gs))
-    t0 = time.perf_counter()
-    for _ in range(a.calls):
-        y = f(x, w, gs)
-    jax.block_until_ready(y)
     what = (f"mosaic {mcfg} prologue={a.prologue or 'pallas'} pieces={a.operand_pieces}"
             if a.kernel == "mosaic"
             else cfg or "tuned config")
+    _time(a, f, (x, w, gs), what)
+
+
+def _ffn(a, s, cfg) -> None:
+    """The whole expert FFN: up_gate + SwiGLU, then down with the routing weights."""
+    (k, n), (k2, n2) = s.up_gate, s.down
+    w_up = shapes.random_linear(jax.random.key(0), "wint2", k, n, s.experts)
+    w_down = shapes.random_linear(jax.random.key(2), "wint2", k2, n2, s.experts)
+    gs = jnp.asarray(shapes.group_sizes(shapes.route(a.tokens, s, "uniform", seed=a.tokens),
+                                        s.experts))
+    x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
+    rw = jax.random.uniform(jax.random.key(3), (x.shape[0],), jnp.float32)
+    if a.kernel == "mosaic":
+        w_up, w_down = kernel_mosaic.to_fragments(w_up), kernel_mosaic.to_fragments(w_down)
+        kw = dict(prologue=a.prologue, operand_pieces=a.operand_pieces)
+        if a.fused_ffn:
+            def ffn(x, wu, wd, gs, rw):
+                return kernel_mosaic.expert_ffn_fragments(x, wu, wd, gs, row_scale=rw, **kw)
+        else:
+            def ffn(x, wu, wd, gs, rw):
+                h = kernel_mosaic.grouped_matmul_fragments(x, wu, gs, activation="swiglu", **kw)
+                return kernel_mosaic.grouped_matmul_fragments(h, wd, gs, row_scale=rw, **kw)
+        what = (f"mosaic tuned configs {'one op' if a.fused_ffn else 'two calls'} "
+                f"prologue={a.prologue or 'pallas'} pieces={a.operand_pieces}")
+    else:
+        kw = dict(interpret=jax.default_backend() != "gpu", fmt="wint2", config=cfg)
+
+        def ffn(x, wu, wd, gs, rw):
+            h = kernels.quant_grouped_matmul(x, wu, gs, activation="swiglu", **kw)
+            return kernels.quant_grouped_matmul(h, wd, gs, row_scale=rw, **kw)
+        what = cfg or "tuned config"
+    _time(a, jax.jit(ffn), (x, w_up, w_down, gs, rw), what)
+
+
+def _time(a, f, args, what) -> None:
+    for _ in range(3):  # compile, warm up
+        jax.block_until_ready(f(*args))
+    t0 = time.perf_counter()
+    for _ in range(a.calls):
+        y = f(*args)
+    jax.block_until_ready(y)
     print(f"{a.shape} {a.proj} tokens={a.tokens} {what}: "
           f"{(time.perf_counter() - t0) / a.calls * 1e6:.1f} us per call "
           f"({jax.devices()[0].device_kind}, jax {jax.__version__})")
