@@ -1085,8 +1085,9 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
     the checkpoint's in-group K order (a shuffled one is undone on x's columns, together with
     the plane order). ``config`` overrides the tuned / heuristic choice (:func:`config_for`);
     ``prologue``: the operands' implementation (``prologue.expert_operands``: None/"pallas" one
-    Triton launch, "xla" the jnp composition); ``operand_pieces``: that launch's programs a row
-    (``prologue.expert_operands``' ``pieces``).
+    Triton launch, "xla" the jnp composition); ``operand_pieces``: at most that many programs a
+    row in that launch (``prologue.expert_operands``' ``pieces``: the most, up to this, that
+    split K into whole 256-row steps).
     Raises NotImplementedError for what the kernel does not take (f32 x, K % 256, N % 64, no
     Hopper GPU).
     """
@@ -1155,7 +1156,8 @@ def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, la
     ops = expert_operands(x, group_sizes, bm=cfg.block_m, sums=cfg.mma == "sync",
                           fp16=cfg.planes == "fp16", k_order=k_order, layer=layer,
                           num_layers=num_layers, implementation=prologue,
-                          pieces=operand_pieces, swiglu_partials=swiglu_partials)
+                          pieces=_fit_pieces(operand_pieces, k // BLOCK_K),
+                          swiglu_partials=swiglu_partials)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     out = grouped_matmul(ops.x_planes, qwf, wsf, ss, cs, zp, ops.tiles, rs, activation=activation,
                          out_dtype=out_dtype, config=cfg, m_out=m, row_inv=ops.row_inv,
@@ -1163,3 +1165,8 @@ def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, la
     if cfg.split_k > 1 and not keep_partials:  # [split, M, N] fp32 partial sums: add, epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype)
     return out
+
+
+def _fit_pieces(most: int, steps: int) -> int:
+    """The most pieces, up to ``most``, that split ``steps`` K steps evenly."""
+    return max(p for p in range(1, max(most, 1) + 1) if steps % p == 0)

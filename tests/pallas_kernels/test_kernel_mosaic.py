@@ -341,6 +341,13 @@ def test_kernel_lowers_for_cuda_on_any_host(case, monkeypatch):
     assert text.count("custom_call @mosaic_gpu") == 1
 
 
+def test_operand_pieces_fit_the_k_steps():
+    assert kernel_mosaic._fit_pieces(8, 32) == 8  # 300B up_gate: 32 K steps
+    assert kernel_mosaic._fit_pieces(8, 14) == 7  # 300B down: 14
+    assert kernel_mosaic._fit_pieces(4, 5) == 1
+    assert kernel_mosaic._fit_pieces(1, 14) == 1
+
+
 def test_k_unroll_that_does_not_divide_the_k_steps_is_refused(monkeypatch):
     monkeypatch.setattr(kernel_mosaic, "available", lambda: True)
     sd = jax.ShapeDtypeStruct
@@ -460,9 +467,9 @@ def test_expert_ffn_lowers_for_cuda_on_any_host(case, monkeypatch):
 
     layer = 1 if layers else None
 
-    def fused(x, w_up, w_down, gs, r):
+    def fused(x, w_up, w_down, gs, r):  # up to 8 operand programs a row: as K's steps allow
         return kernel_mosaic.expert_ffn_fragments(x, w_up, w_down, gs, row_scale=r,
-                                                  layer=layer, configs=cfgs)
+                                                  layer=layer, configs=cfgs, operand_pieces=8)
 
     def two_calls(x, w_up, w_down, gs, r):
         h = kernel_mosaic.grouped_matmul_fragments(x, w_up, gs, activation="swiglu",
