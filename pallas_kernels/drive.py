@@ -72,9 +72,7 @@ def main(argv=None) -> None:
     k, n = s.up_gate if a.proj == "up_gate" else s.down
     act = "swiglu" if a.proj == "up_gate" else None
     w = shapes.random_linear(jax.random.key(0), "wint2", k, n, s.experts)
-    gs = jnp.asarray(shapes.group_sizes(shapes.route(a.tokens, s, "uniform", seed=a.tokens),
-                                        s.experts))
-    x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
+    x, gs = _routed_rows(a, s, k)
     if a.kernel == "mosaic":
         w = kernel_mosaic.to_fragments(w)
         n_out = n // 2 if act else n
@@ -101,9 +99,7 @@ def _ffn(a, s, cfg) -> None:
     (k, n), (k2, n2) = s.up_gate, s.down
     w_up = shapes.random_linear(jax.random.key(0), "wint2", k, n, s.experts)
     w_down = shapes.random_linear(jax.random.key(2), "wint2", k2, n2, s.experts)
-    gs = jnp.asarray(shapes.group_sizes(shapes.route(a.tokens, s, "uniform", seed=a.tokens),
-                                        s.experts))
-    x = jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16)
+    x, gs = _routed_rows(a, s, k)
     rw = jax.random.uniform(jax.random.key(3), (x.shape[0],), jnp.float32)
     if a.kernel == "mosaic":
         w_up, w_down = kernel_mosaic.to_fragments(w_up), kernel_mosaic.to_fragments(w_down)
@@ -125,6 +121,14 @@ def _ffn(a, s, cfg) -> None:
             return kernels.quant_grouped_matmul(h, wd, gs, row_scale=rw, **kw)
         what = cfg or "tuned config"
     _time(a, jax.jit(ffn), (x, w_up, w_down, gs, rw), what)
+
+
+def _routed_rows(a, s, k: int):
+    """``--tokens`` random bf16 rows ``[tokens * top_k, k]`` and their uniform routing's group
+    sizes."""
+    gs = jnp.asarray(shapes.group_sizes(shapes.route(a.tokens, s, "uniform", seed=a.tokens),
+                                        s.experts))
+    return jax.random.normal(jax.random.key(1), (a.tokens * s.top_k, k), jnp.bfloat16), gs
 
 
 def _time(a, f, args, what) -> None:

@@ -1113,10 +1113,7 @@ def expert_ffn_fragments(x, w_up: dict, w_down: dict, group_sizes, *, row_scale=
     """
     if x.dtype != jnp.bfloat16:
         raise NotImplementedError(f"the Mosaic WINT2 kernel takes bf16 x, got {x.dtype}")
-    m, hidden = x.shape
-    e = w_up["quant_weight"].shape[-3]
-    cfg_up = configs[0] or config_for(m, hidden, w_up["quant_weight"].shape[-1] // 2, e,
-                                      "swiglu")
+    cfg_up = _call_config(configs[0], x.shape[0], x.shape[1], w_up, "swiglu")
     kw = dict(layer=layer, k_order=k_order, prologue=prologue, operand_pieces=operand_pieces)
     h = _projection(x, w_up, group_sizes, activation="swiglu", row_scale=None,
                     out_dtype=x.dtype, config=cfg_up, keep_partials=True, **kw)
@@ -1143,14 +1140,13 @@ def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, la
     _check_dims(k, n)
     if 4 * qw.shape[-2] != k:
         raise ValueError(f"x has K={k}, the weights {4 * qw.shape[-2]}")
-    e = qw.shape[-3]
     num_layers = qw.shape[0] if layer is not None else 1
     # [L, E, ...] -> [L*E, ...] (free reshapes), the byte chunks split into their fragment blocks
     qw, ws, ss, cs, zp = _weights(w, "wint2", True, layer is not None)
     ss, cs, zp = (a.astype(jnp.float32) for a in (ss, cs, zp))  # f32 in the runtime layout
     qwf = qw.reshape(-1, n // BLOCK_N, k // BLOCK_K, 16, 256)
     wsf = ws.reshape(-1, n // BLOCK_N, k // BLOCK_K, 128)
-    cfg = config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
+    cfg = _call_config(config, m, k, w, activation)
     # The tile table, x's rows gathered into their tiles in plane order (fp16 planes: scaled
     # into fp16's range, undone in the epilogue) and the group sums: one small launch.
     ops = expert_operands(x, group_sizes, bm=cfg.block_m, sums=cfg.mma == "sync",
@@ -1165,6 +1161,13 @@ def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, la
     if cfg.split_k > 1 and not keep_partials:  # [split, M, N] fp32 partial sums: add, epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype)
     return out
+
+
+def _call_config(config: MosaicConfig | None, m: int, k: int, w: dict,
+                 activation) -> MosaicConfig:
+    """``config``, else :func:`config_for` of ``m`` rows of depth ``k`` through ``w``."""
+    n, e = w["quant_weight"].shape[-1], w["quant_weight"].shape[-3]
+    return config or config_for(m, k, n // 2 if activation == "swiglu" else n, e, activation)
 
 
 def _fit_pieces(most: int, steps: int) -> int:

@@ -38,8 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import kernel_mosaic as km
+from . import reference
 from .kernels import _column_order, _permute_columns, expert_tiles
-from .reference import apply_epilogue
 from .wint2 import GROUP_SIZE
 
 # The largest power-of-two piece of a row handled at once, and warps a program (NOTES §48's A/B)
@@ -69,7 +69,7 @@ def _num_tiles(m: int, bm: int, e: int) -> int:
 def swiglu_rows(partials):
     """The bf16 rows that a SwiGLU projection split over K hands the next one: its fp32 partial
     sums ``[S, M, 2N]`` (gate | up) added, ``silu(gate) * up`` in fp32, rounded to bf16."""
-    return apply_epilogue(partials.sum(0), "swiglu", None).astype(jnp.bfloat16)
+    return reference.apply_epilogue(partials.sum(0), "swiglu", None).astype(jnp.bfloat16)
 
 
 def expert_operands_reference(x, group_sizes, *, bm: int, sums: bool, fp16: bool,
@@ -168,7 +168,7 @@ def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: i
         gate, up = (functools.reduce(jnp.add, (x_ref[s, src, off + col]
                                                for s in range(x_ref.shape[0])))
                     for off in (0, k))
-        return (jax.nn.silu(gate) * up).astype(jnp.bfloat16).astype(jnp.float32)
+        return reference.swiglu(gate, up).astype(jnp.bfloat16).astype(jnp.float32)
 
     def plane_of(c, t):  # plane t of chunk c: (its columns in x_planes, x's values there)
         at = c * chunk + steps + 64 * t + lanes

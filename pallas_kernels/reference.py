@@ -61,11 +61,16 @@ def _precision(x):
     return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
 
 
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` (fp32 in the epilogues)."""
+    return jax.nn.silu(gate) * up
+
+
 def apply_epilogue(y: jax.Array, activation: Activation, row_scale: jax.Array | None):
     """fp32 epilogue (the kernels' spec too): SwiGLU on ``[gate | up]``, then the row scale."""
     if activation == "swiglu":
         n = y.shape[-1] // 2
-        y = jax.nn.silu(y[..., :n]) * y[..., n:]
+        y = swiglu(y[..., :n], y[..., n:])
     elif activation is not None:
         raise ValueError(f"unknown activation {activation!r}")
     if row_scale is not None:
