@@ -33,6 +33,7 @@ import functools
 import itertools
 import json
 import math
+import pathlib
 import statistics
 import sys
 import time
@@ -77,6 +78,35 @@ def time_instances(fn, instances, *, reps: int = 5, min_seconds: float = 0.02) -
         jax.block_until_ready(out)
         ts.append((time.perf_counter() - t0) / calls)
     return statistics.median(ts) / len(instances)
+
+
+def device_seconds(fn, instances) -> float:
+    """Seconds of GPU kernel time per call of ``fn(*inst)``, summed from a profiler trace.
+
+    For calls of a few µs, where :func:`time_instances` would time the host's dispatch rather
+    than the GPU (results/NOTES.md §50, §54): one jitted program runs every instance, and the
+    durations of the kernels it launched (the split-K sum included; memcpys excluded) are read
+    from a ``jax.profiler`` trace of one run. Inside the jitted decode step, where XLA's command
+    buffers replay whole runs of kernels, this is what a call costs. Falls back to
+    :func:`time_instances` where the trace holds no GPU stream (CPU).
+    """
+    import tempfile
+
+    inner = jax.jit(fn)
+    run = jax.jit(lambda insts: [inner(*a) for a in insts])
+    for _ in range(2):
+        jax.block_until_ready(run(instances))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(run(instances))
+        [path] = [str(f) for f in pathlib.Path(d).rglob("*.xplane.pb")]
+        data = jax.profiler.ProfileData.from_file(path)
+        ns = sum(ev.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
+                 for line in plane.lines if "Stream" in line.name
+                 for ev in line.events if "Memcpy" not in ev.name)
+    if not ns:
+        return time_instances(fn, instances)
+    return ns * 1e-9 / len(instances)
 
 
 def ceilings() -> dict[str, float]:
@@ -298,8 +328,10 @@ def _dense_candidates(rows: int):
     T = config_lib.TuningConfig  # noqa: N806
     if rows <= 16:  # few rows: also split K, so that narrow N still fills the GPU
         table = [(16, 32, 256, 4, 3), (16, 64, 128, 4, 3), (16, 64, 256, 4, 4),
-                 (16, 128, 128, 4, 4), (16, 128, 256, 8, 3), (16, 32, 512, 4, 3),
-                 (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 4, 4)]
+                 (16, 128, 128, 4, 4), (16, 32, 128, 4, 3, 4), (16, 32, 256, 4, 3, 2),
+                 (16, 32, 256, 4, 3, 4), (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 4),
+                 (16, 64, 128, 4, 3, 8), (16, 64, 256, 4, 3, 4), (16, 128, 128, 4, 4, 4),
+                 (16, 128, 128, 4, 3, 8)]
     elif rows <= 128:
         table = [(16, 64, 256, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3),
                  (32, 128, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3)]
@@ -311,8 +343,10 @@ def _dense_candidates(rows: int):
                 split_k=split[0] if split else 1)
 
 
-def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str) -> tuple[str, dict]:
-    """Time ``op(*args, config=cfg)`` for each candidate; the tuned-table entry of the fastest.
+def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str, *,
+           timer=time_instances) -> tuple[str, dict]:
+    """Time ``op(*inst, config=cfg)`` over the instances ``args`` for each candidate (with
+    ``timer``); the tuned-table entry of the fastest.
 
     A config the kernel refuses (NotImplementedError naming the constraint) or Triton fails to
     compile is reported and skipped.
@@ -321,7 +355,7 @@ def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str) -> tuple[
     for cfg in candidates:
         fn = functools.partial(op, interpret=False, config=cfg)
         try:
-            sec = time_instances(fn, args, reps=5)
+            sec = timer(fn, args)
         except Exception as err:  # noqa: BLE001 - a config that fails to compile or is refused
             print(f"  skip {cfg}: {type(err).__name__}: {str(err)[:120]}")
             continue
@@ -334,26 +368,42 @@ def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str) -> tuple[
                       "runner_up_us": results[1][0] * 1e6 if len(results) > 1 else None}
 
 
-def tune_dense(tokens_list, *, shape_names) -> dict:
-    """Sweep ``_dense_candidates`` for every quantized dense linear of ``shapes.DENSE``."""
+def tune_dense(tokens_list, *, shape_names, linears=None, write=None) -> dict:
+    """Sweep ``_dense_candidates`` for every quantized dense linear of ``shapes.DENSE``.
+
+    As the model calls them: the instances are the layers of one stacked weight, each read in
+    place (``layer=i``), enough of them to exceed ~3x the L2; timed by :func:`device_seconds`
+    (a few-µs call timed by wall clock reads the host's dispatch, and picked configs by it).
+    ``linears``: only these names of ``shapes.DENSE``; ``write(table)``: called with each new
+    entry as it is found (a run cut short keeps what it tuned).
+    """
     from . import kernels
 
     table = {}
     for name in shape_names:
         for lin in shapes.DENSE[name]:
-            if lin.fmt == "bf16":
+            if lin.fmt == "bf16" or (linears and lin.name not in linears):
                 continue
             act = "swiglu" if lin.name.endswith("up_gate") else None
             n_out = lin.n // 2 if act else lin.n
-            w = shapes.random_linear(jax.random.key(5), lin.fmt, lin.k, lin.n)
-            op = functools.partial(kernels.quant_matmul, fmt=lin.fmt, activation=act)
+            layers = max(2, min(16, -(-3 * L2_BYTES // shapes.packed_bytes(lin.fmt, lin.k,
+                                                                            lin.n))))
+            w = shapes.random_linear(jax.random.key(5), lin.fmt, lin.k, lin.n, layers)
+
+            def op(x, layer, *, w=w, act=act, fmt=lin.fmt, **kw):
+                return kernels.quant_matmul(x, w, fmt=fmt, activation=act, layer=layer, **kw)
+
             for tokens in tokens_list:
                 x = jax.random.normal(jax.random.key(3), (tokens, lin.k), jnp.bfloat16)
                 key = config_lib.TunedKey(lin.fmt, act or "none", 1, lin.k, n_out,
                                           config_lib.rows_bucket(tokens))
-                k, entry = _sweep(op, [(x + i, w) for i in range(2)], _dense_candidates(tokens),
-                                  key, f"{name} {lin.name} tokens={tokens}")
+                insts = [(x + i, jnp.int32(i)) for i in range(layers)]
+                k, entry = _sweep(op, insts, _dense_candidates(tokens), key,
+                                  f"{name} {lin.name} tokens={tokens}", timer=device_seconds)
                 table[k] = entry
+                if write is not None:
+                    write({k: entry})
+            del w
     return table
 
 
@@ -528,6 +578,8 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default="2", help="pipeline stages --tune-mosaic sweeps")
     p.add_argument("--dense", action="store_true",
                    help="time the dense (attention / dense MLP / lm_head) linears instead")
+    p.add_argument("--linears", default=None,
+                   help="--dense: only these linears (names in shapes.DENSE, comma-separated)")
     p.add_argument("--wint2-decode", choices=("ptx", "jnp"), default="ptx",
                    help="in-kernel WINT2 decode of mode mma_gs (A/B timing; ptx is the default)")
     p.add_argument("--out", default=None, help="JSON lines file")
@@ -544,7 +596,9 @@ def main(argv=None) -> int:
     if not a.skip_checks:
         checks.run_all(interpret=jax.default_backend() != "gpu")
     if a.dense and a.tune:
-        _write_tuned(tune_dense(tokens, shape_names=a.shapes.split(",")), meta)
+        tune_dense(tokens, shape_names=a.shapes.split(","),
+                   linears=a.linears.split(",") if a.linears else None,
+                   write=functools.partial(_write_tuned, meta=meta))
         return 0
     if a.dense:
         rows = dense_rows(ceil, tokens, shape_names=a.shapes.split(","))

@@ -68,6 +68,8 @@ DENSE = {
                     DenseLinear("o", 2560, 2560, "wint8"),
                     DenseLinear("dense_up_gate", 2560, 2 * 12288, "wint8"),
                     DenseLinear("dense_down", 12288, 2560, "wint8"),
+                    DenseLinear("shared_up_gate", 2560, 2 * 3072, "wint8"),  # 2 shared experts
+                    DenseLinear("shared_down", 3072, 2560, "wint8"),
                     DenseLinear("lm_head", 2560, 103424, "bf16")),
 }
 

@@ -7,6 +7,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels import bench, config, kernel_mosaic, shapes
 
@@ -87,3 +88,11 @@ def test_write_tuned_keeps_the_other_section(tmp_path, monkeypatch):
             "wint2|none|64|256|128|8": config.MosaicConfig(block_m=16, col_blocks=2)}
     finally:
         config._tuned_table.cache_clear()
+
+
+def test_device_seconds_falls_back_to_wall_time_without_a_gpu_trace():
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the trace holds the kernels (the dense tuner's path)")
+    insts = [(jnp.full((32, 32), float(i)),) for i in range(2)]
+    sec = bench.device_seconds(lambda x: x @ x, insts)
+    assert 0 < sec < 1.0
