@@ -226,7 +226,18 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
         bn = 64 if bm == 16 else bn
     bk = max(min(bk, _largest_pow2_divisor(k)), 16)
     bn = max(min(bn, _largest_pow2_divisor(n_out)), 16)
-    return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3)
+    split = 1
+    if fmt in ("bf16", "wint8") and num_groups == 1 and bm == 16:
+        # A dense linear at a few rows: split K until ~192 programs stream weights (the 1-token
+        # device-timed sweeps of results/NOTES.md §54 picked splits of 2-8 on every shape).
+        while (split < 8 and (n_out // bn) * split < DENSE_MIN_PROGRAMS
+               and (k // bk) % (2 * split) == 0):
+            split *= 2
+    return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3,
+                        split_k=split)
+
+
+DENSE_MIN_PROGRAMS = 192
 
 
 def _largest_pow2_divisor(v: int) -> int:

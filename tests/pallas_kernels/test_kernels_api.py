@@ -133,6 +133,13 @@ def test_tuning_config_validation_and_heuristic():
     assert 8192 % small.block_k == 0 and 3584 % big.block_n == 0
     key = config.TunedKey("wint2", "swiglu", 64, 8192, 3584, 8)
     assert str(key) == "wint2|swiglu|64|8192|3584|8"
+    # a dense WINT8 linear at one row splits K until ~192 programs, where the K blocks divide
+    assert config.heuristic_config("wint8", 1, 2560, 3072, activation="swiglu").split_k == 4
+    assert config.heuristic_config("wint8", 1, 3072, 2560).split_k == 8  # 40 column blocks
+    assert config.heuristic_config("wint8", 1, 2560, 2560).split_k == 4  # 20 K blocks: not 8
+    assert config.heuristic_config("wint8", 1, 8192, 8192 * 4).split_k == 1  # 512 programs
+    assert config.heuristic_config("wint8", 256, 2560, 2560).split_k == 1  # many rows
+    assert config.heuristic_config("wint2", 8, 8192, 3584, num_groups=64).split_k == 1
 
 
 def test_tuned_tables_parse():
