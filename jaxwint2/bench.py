@@ -11,6 +11,8 @@ same ``model.step_jit`` the server and ``generate`` use:
 * compile time of the prefill and decode steps (the cold-start part this process controls);
 * prefill tokens/s and time to first token for 1K and 8K prompts (one chunk, batch 1);
 * decode tokens/s at batch 1, 8, 32, 64 with a 2K context (greedy, tokens fed back on device);
+  with ``--profile`` also the GPU kernel time of those steps (``jax.profiler`` trace) and the
+  kernels that take the most (GPU time close to the wall time: the GPU, not the host, bounds it);
 * optionally the same model run by ``transformers`` in bf16 on the same GPU (``--peer``).
 
 It prints one JSON line per measurement and a table last. It knows nothing about files.
@@ -140,7 +142,7 @@ def _median_time(fn, n: int) -> float:
 
 def run(cfg: ErnieConfig, *, kernels: str, block_size: int, context: int,
         batches: tuple[int, ...], prompts: tuple[int, ...], decode_steps: int,
-        seed: int = 0) -> list[Row]:
+        seed: int = 0, profile: bool = False) -> list[Row]:
     from .model import ErnieForCausalLM
 
     rows: list[Row] = []
@@ -207,7 +209,35 @@ def run(cfg: ErnieConfig, *, kernels: str, block_size: int, context: int,
         dt = (time.perf_counter() - t0) / decode_steps
         rows.append(Row(f"decode B={b} ctx={context}", b / dt, "tok/s",
                         f"{dt * 1e3:.2f} ms/step"))
+        if profile:
+            tok, pos, cache, row = _profile_decode(step, tok, pos, tables, cache, at, b,
+                                                   decode_steps)
+            rows.append(row)
     return rows
+
+
+def _profile_decode(step, tok, pos, tables, cache, at, b: int, steps: int):
+    """GPU kernel time of ``steps`` decode steps from a profiler trace: if it is close to the
+    wall time per step, the GPU (not the host's dispatch) bounds the step. The note names the
+    kernels that took the most."""
+    from pallas_kernels.profiling import gpu_kernel_ns
+
+    state = [tok, pos, cache]
+
+    def work():
+        t, p, c = state
+        for _ in range(steps):
+            logits, c = step(t, p, tables, c, logits_at=at)
+            t, p = feed_back(logits, p)
+        state[:] = [t, p, c]
+        return t
+
+    ns = gpu_kernel_ns(work)
+    top = sorted(ns.items(), key=lambda kv: -kv[1])[:6]
+    note = ", ".join(f"{name[:36]} {v / steps / 1e3:.0f} µs" for name, v in top)
+    row = Row(f"decode B={b} GPU kernel time", sum(ns.values()) / steps / 1e6, "ms/step",
+              f"{len(ns)} kernel names; most: {note}" if ns else "no GPU trace")
+    return *state, row
 
 
 def transformers_peer(cfg: ErnieConfig, *, prompt: int, new_tokens: int) -> list[Row]:
@@ -260,6 +290,9 @@ def main(argv=None) -> None:
     ap.add_argument("--peer", action="store_true", help="also time transformers bf16 (batch 1)")
     ap.add_argument("--skip-jax", action="store_true", help="only the transformers peer")
     ap.add_argument("--json", default=None, help="append JSON lines here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also the GPU kernel time of the decode steps (a profiler trace) and "
+                         "the kernels that take the most")
     args = ap.parse_args(argv)
 
     cfg = PRESETS[args.model]()
@@ -269,7 +302,8 @@ def main(argv=None) -> None:
     if not args.skip_jax:
         rows += run(cfg, kernels=args.kernels, block_size=args.block_size,
                     context=args.context, batches=ints(args.batches),
-                    prompts=ints(args.prompts), decode_steps=args.decode_steps)
+                    prompts=ints(args.prompts), decode_steps=args.decode_steps,
+                    profile=args.profile)
         rows.append(Row("process start to last measurement", time.perf_counter() - t_start, "s"))
     if args.peer:
         jax.clear_caches()

@@ -33,7 +33,6 @@ import functools
 import itertools
 import json
 import math
-import pathlib
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checks, codecs, kernel_mosaic, reference, shapes
+from . import checks, codecs, kernel_mosaic, profiling, reference, shapes
 from . import config as config_lib
 from .api import quant_grouped_matmul
 from .numerics import assert_close
@@ -86,24 +85,15 @@ def device_seconds(fn, instances) -> float:
     For calls of a few µs, where :func:`time_instances` would time the host's dispatch rather
     than the GPU (results/NOTES.md §50, §54): one jitted program runs every instance, and the
     durations of the kernels it launched (the split-K sum included; memcpys excluded) are read
-    from a ``jax.profiler`` trace of one run. Inside the jitted decode step, where XLA's command
-    buffers replay whole runs of kernels, this is what a call costs. Falls back to
-    :func:`time_instances` where the trace holds no GPU stream (CPU).
+    from a ``jax.profiler`` trace of one run (:func:`profiling.gpu_kernel_ns`). Inside the
+    jitted decode step, where XLA's command buffers replay whole runs of kernels, this is what a
+    call costs. Falls back to :func:`time_instances` where the trace holds no GPU stream (CPU).
     """
-    import tempfile
-
     inner = jax.jit(fn)
     run = jax.jit(lambda insts: [inner(*a) for a in insts])
     for _ in range(2):
         jax.block_until_ready(run(instances))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            jax.block_until_ready(run(instances))
-        [path] = [str(f) for f in pathlib.Path(d).rglob("*.xplane.pb")]
-        data = jax.profiler.ProfileData.from_file(path)
-        ns = sum(ev.duration_ns for plane in data.planes if plane.name.startswith("/device:GPU")
-                 for line in plane.lines if "Stream" in line.name
-                 for ev in line.events if "Memcpy" not in ev.name)
+    ns = sum(profiling.gpu_kernel_ns(lambda: run(instances)).values())
     if not ns:
         return time_instances(fn, instances)
     return ns * 1e-9 / len(instances)
