@@ -42,10 +42,13 @@ def test_tp_shards_equal_split_tp_slices(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_tp_checkpoints_logits_and_greedy_tokens(tmp_path, dtype):
-    """TP1 source and FastDeploy rank*/ sources (TP2, TP4) loaded at TP 1, 2, 4 and 8."""
+    """TP1 source and FastDeploy rank*/ sources (TP2, TP4) loaded at TP 1, 2, 4 and 8 (fp32;
+    bf16 at the source's TP and 8)."""
+    from tp_scenarios import tp_sizes
+
     out = run_scenario("checkpoints", tmp_path, dtype)
     for n in (1, 2, 4):
-        for tp in (1, 2, 4, 8):
+        for tp in tp_sizes(n, dtype):
             assert f"tp{n}-source -> TP{tp} {dtype} logits" in out
 
 

@@ -181,9 +181,15 @@ def shards(tmp: pathlib.Path) -> None:
             raise AssertionError(f"tp={bad} did not raise")
 
 
+def tp_sizes(source_tp: int, dtype: str) -> tuple[int, ...]:
+    """The TP sizes :func:`checkpoints` loads a ``source_tp`` checkpoint at: every size in fp32
+    (exact tokens), the source's own and 8 in bf16 (the dtype's path, at half the suite time)."""
+    return (1, 2, 4, 8) if dtype == "float32" else tuple(sorted({source_tp, 8}))
+
+
 def checkpoints(tmp: pathlib.Path, dtype: str) -> None:
-    """Loads at TP 1, 2, 4 and 8 of a TP1 Paddle checkpoint and of FastDeploy ``rank*/``
-    checkpoints written at TP 2 and 4 match the TP1 model built from the same tree.
+    """Loads (at the sizes of :func:`tp_sizes`) of a TP1 Paddle checkpoint and of FastDeploy
+    ``rank*/`` checkpoints written at TP 2 and 4 match the TP1 model built from the same tree.
 
     fp32 (activations; weights stay WINT2/4/8): free-running greedy decode, logits near-exact
     and identical tokens. bf16: teacher-forced decode, logits within the bf16 tolerance and
@@ -203,7 +209,7 @@ def checkpoints(tmp: pathlib.Path, dtype: str) -> None:
         cfg, params, tmp / f"paddle-tp{n}", tp_size=n, bf16_header="U16") for n in (1, 2, 4)}
     assert (sources[4] / "rank3").is_dir()
     for n, path in sources.items():
-        for tp in (1, 2, 4, 8):  # the programs compile once per size, shared by the loads
+        for tp in tp_sizes(n, dtype):  # the programs compile once per size, shared by loads
             model = jaxwint2.load(path, tensor_parallel_size=tp, kernels="reference",
                                   dtype=dtype)
             name = f"tp{n}-source -> TP{tp} {dtype}"
