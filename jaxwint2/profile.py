@@ -270,7 +270,9 @@ def main(argv=None) -> None:
 
     # XLA:GPU runs a scan body's kernels as one command buffer (CUDA graph), whose trace
     # events all carry the command buffer's name: turn them off so each kernel names its op.
-    # Wall times then include per-kernel launches (jaxwint2.bench measures the default).
+    # Wall times then include per-kernel launches (jaxwint2.bench measures the default; its
+    # --profile gives the default's GPU kernel time: the 21B's batch-1 step is GPU-bound with
+    # command buffers and takes twice as long without, pallas_kernels/results/NOTES.md §54).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_gpu_enable_command_buffer=")
     from .bench import PRESETS
