@@ -114,6 +114,17 @@ class WeightFormat:
             implementation=self.implementation_for_input(x), layer=layer,
             byte_order=self.byte_order)
 
+    def expert_ffn(self, x: jax.Array, w_up: dict[str, jax.Array], w_down: dict[str, jax.Array],
+                   group_sizes: jax.Array, *, row_scale: jax.Array | None = None,
+                   out_dtype=None, layer: jax.Array | None = None) -> jax.Array:
+        """The experts' SwiGLU FFN, ``grouped_matmul`` of ``w_up`` (``activation="swiglu"``)
+        then of ``w_down`` (``row_scale``, ``out_dtype``); one op where the kernels fuse it."""
+        return pallas_kernels.quant_expert_ffn(
+            x, w_up, w_down, group_sizes, fmt=self.name, k_order=self.k_order,
+            row_scale=row_scale, out_dtype=out_dtype,
+            implementation=self.implementation_for_input(x), layer=layer,
+            byte_order=self.byte_order)
+
     def dequantize(self, w: dict[str, jax.Array], dtype=jnp.bfloat16) -> jax.Array:
         """The dense ``[..., K, N]`` weight the matmuls compute with (tests, debugging)."""
         if self.byte_order == "fragments":

@@ -67,6 +67,16 @@ class Linear(nnx.Module):
                                        row_scale=row_scale, out_dtype=out_dtype,
                                        layer=self.layer)
 
+    def expert_ffn(self, down: Linear, x: jax.Array, group_sizes: jax.Array, *,
+                   row_scale=None, out_dtype=jnp.float32) -> jax.Array:
+        """Stacked experts' ``down.grouped(self.grouped(x, activation="swiglu"), ...)``: the
+        SwiGLU FFN with this layer as its up_gate, as one op where the format fuses it."""
+        if down.fmt != self.fmt or down.layer is not self.layer:
+            h = self.grouped(x, group_sizes, activation="swiglu")
+            return down.grouped(h, group_sizes, row_scale=row_scale, out_dtype=out_dtype)
+        return self.fmt.expert_ffn(x, self.leaves(), down.leaves(), group_sizes,
+                                   row_scale=row_scale, out_dtype=out_dtype, layer=self.layer)
+
     def dequantized(self, dtype=jnp.float32) -> jax.Array:
         """The dense weight ``[..., K, N]`` this layer computes with."""
         return self.fmt.dequantize(self.leaves(), dtype)

@@ -118,10 +118,8 @@ class MoE(nnx.Module):
             x_sorted = dispatch.sort(tokens)  # [N*k, H]
             row_scale = dispatch.sort_flat(weights)
         with jax.named_scope("experts"):
-            hidden = self.up_gate.grouped(x_sorted, dispatch.group_sizes,
-                                          activation="swiglu")  # [N*k, I_e]
-            y_sorted = self.down.grouped(hidden, dispatch.group_sizes, row_scale=row_scale,
-                                         out_dtype=jnp.float32)  # [N*k, H]
+            y_sorted = self.up_gate.expert_ffn(self.down, x_sorted, dispatch.group_sizes,
+                                               row_scale=row_scale)  # [N*k, H] fp32
         with jax.named_scope("combine"):
             y = dispatch.combine(y_sorted)  # [N, H] fp32
         if self.shared is not None:

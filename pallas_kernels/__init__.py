@@ -6,6 +6,7 @@ Imports only jax and numpy: no Flax and nothing from ``jaxwint2`` (checked by a 
 
 # ---- WINT2 bit format (exact spec) ----
 # ---- weight-only quantized matmuls (runtime layout: jaxwint2/layout.py) ----
+from .api import quant_expert_ffn as quant_expert_ffn
 from .api import quant_grouped_matmul as quant_grouped_matmul
 from .api import quant_matmul as quant_matmul
 from .kernel_mosaic import available as fragments_available  # noqa: F401

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 
 from . import reference
-from .kernel_mosaic import from_fragments, grouped_matmul_fragments
+from .kernel_mosaic import expert_ffn_fragments, from_fragments, grouped_matmul_fragments
 from .reference import Activation, Fmt
 
 Implementation = str | None
@@ -115,3 +115,32 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
         if implementation == "pallas":
             raise
         return ref()
+
+
+def quant_expert_ffn(x: jax.Array, w_up: dict[str, jax.Array], w_down: dict[str, jax.Array],
+                     group_sizes: jax.Array, *, fmt: Fmt, k_order: str = "natural",
+                     row_scale: jax.Array | None = None, out_dtype=None,
+                     implementation: Implementation = None, layer: jax.Array | int | None = None,
+                     byte_order: ByteOrder = "rows") -> jax.Array:
+    """The MoE expert FFN ``row_scale * (swiglu(x @ W_up[e]) @ W_down[e])``, rows sorted by group.
+
+    What :func:`quant_grouped_matmul` computes for the up_gate (``activation="swiglu"``, h in
+    ``x.dtype``) and then for the down (``row_scale``, ``out_dtype``); args as there, ``w_up`` /
+    ``w_down`` the two stacked linears (same format, same ``layer``). With fragment-ordered WINT2
+    experts on the Mosaic GPU kernel it is one op (:func:`kernel_mosaic.expert_ffn_fragments`),
+    which at a few rows hands a K-split up_gate's partial sums straight to the down's operand
+    launch; otherwise two calls.
+    """
+    if (byte_order == "fragments" and implementation != "xla"
+            and (implementation == "pallas" or _on_gpu())):
+        try:
+            return expert_ffn_fragments(x, w_up, w_down, group_sizes, row_scale=row_scale,
+                                        out_dtype=out_dtype, layer=layer, k_order=k_order)
+        except NotImplementedError:
+            if implementation == "pallas":
+                raise
+    kw = dict(fmt=fmt, k_order=k_order, implementation=implementation, layer=layer,
+              byte_order=byte_order)
+    h = quant_grouped_matmul(x, w_up, group_sizes, activation="swiglu", **kw)
+    return quant_grouped_matmul(h, w_down, group_sizes, row_scale=row_scale,
+                                out_dtype=out_dtype, **kw)

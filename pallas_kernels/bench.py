@@ -43,7 +43,7 @@ import numpy as np
 
 from . import checks, codecs, kernel_mosaic, profiling, reference, shapes
 from . import config as config_lib
-from .api import quant_grouped_matmul
+from .api import quant_expert_ffn, quant_grouped_matmul
 from .numerics import assert_close
 
 L2_BYTES = 50 * 2**20
@@ -115,17 +115,17 @@ def ceilings() -> dict[str, float]:
 
 
 def ffn_pallas(x, w_up, w_down, gs, rw, *, fmt, impl="pallas", byte_order="rows"):
+    """The expert FFN as the model runs it (``quant_expert_ffn``: on the Mosaic kernel one op
+    that may fuse the projections' hand-over); ``impl="xla"``: the reference."""
+    return quant_expert_ffn(x, w_up, w_down, gs, fmt=fmt, row_scale=rw, implementation=impl,
+                            byte_order=byte_order)
+
+
+def ffn_two_calls(x, w_up, w_down, gs, rw, *, fmt, impl="pallas", byte_order="rows"):
+    """The expert FFN as two ``quant_grouped_matmul`` calls (``--two-calls``: the A/B)."""
     kw = dict(fmt=fmt, implementation=impl, byte_order=byte_order)
     h = quant_grouped_matmul(x, w_up, gs, activation="swiglu", **kw)
     return quant_grouped_matmul(h, w_down, gs, row_scale=rw, **kw)
-
-
-def ffn_mosaic_fused(x, w_up, w_down, gs, rw, *, fmt, impl="pallas", byte_order="fragments"):
-    """The Mosaic FFN as one op (``kernel_mosaic.expert_ffn_fragments``: a K-split up_gate's
-    partial sums go straight to the down's operand launch); ``impl="xla"``: the reference."""
-    if impl == "xla":
-        return ffn_pallas(x, w_up, w_down, gs, rw, fmt=fmt, impl=impl, byte_order=byte_order)
-    return kernel_mosaic.expert_ffn_fragments(x, w_up, w_down, gs, row_scale=rw)
 
 
 def ffn_static(x, w_up, w_down, rw, *, fmt, sizes):
@@ -187,7 +187,7 @@ def _instances_count(active_bytes: int, rows: int, hidden: int) -> int:
 
 
 def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: bool,
-              fused_ffn: bool = False) -> list[dict]:
+              two_calls: bool = False) -> list[dict]:
     s = case.shape
     ids = shapes.route(tokens, s, routing, seed=tokens)
     gs = shapes.group_sizes(ids, s.experts)
@@ -216,7 +216,7 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
     if case.frag is not None:
         runs.insert(0, ("pallas_mosaic", "wint2", case.frag, "fragments"))
     for impl, fmt, (w_up, w_down), order in runs:
-        op = ffn_mosaic_fused if fused_ffn and impl == "pallas_mosaic" else ffn_pallas
+        op = ffn_two_calls if two_calls and impl == "pallas_mosaic" else ffn_pallas
         fn = functools.partial(op, fmt=fmt, byte_order=order)
         insts = [(xs[i], w_up, w_down, jnp.asarray(np.roll(gs, shifts[i])), rw) for i in range(r)]
         y = jax.jit(fn)(*insts[0])
@@ -559,8 +559,9 @@ def main(argv=None) -> int:
     p.add_argument("--routings", default=",".join(shapes.ROUTINGS))
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--skip-checks", action="store_true")
-    p.add_argument("--fused-ffn", action="store_true",
-                   help="time the Mosaic FFN as one op (kernel_mosaic.expert_ffn_fragments)")
+    p.add_argument("--two-calls", action="store_true",
+                   help="time the Mosaic FFN as two grouped calls instead of the model's op "
+                        "(quant_expert_ffn)")
     p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
     p.add_argument("--tune-mosaic", action="store_true",
@@ -615,7 +616,7 @@ def main(argv=None) -> int:
         for t in tokens:
             for routing in a.routings.split(","):
                 rows = bench_row(case, t, routing, ceil, baselines=not a.no_baselines,
-                                 fused_ffn=a.fused_ffn)
+                                 two_calls=a.two_calls)
                 results += rows
                 if out:  # a run cut short keeps what it measured
                     out.write("".join(json.dumps(r) + "\n" for r in rows))

@@ -56,10 +56,12 @@ def main(argv=None) -> None:
     p.add_argument("--prologue", choices=("pallas", "xla"), default=None,
                    help="mosaic: the operands (tile table, x planes, group sums) from one Triton "
                         "launch (default) or XLA ops (prologue.expert_operands)")
-    p.add_argument("--operand-pieces", type=int, default=1,
-                   help="mosaic: programs a row in the operand launch (prologue.expert_operands)")
+    p.add_argument("--operand-pieces", type=int, default=None,
+                   help="mosaic: programs a row in the operand launch (prologue.expert_operands;"
+                        " default 1, or the FFN op's own choice)")
     p.add_argument("--fused-ffn", action="store_true",
-                   help="mosaic, --proj ffn: the FFN as one op (expert_ffn_fragments)")
+                   help="mosaic, --proj ffn: the FFN as one op, as the model runs it "
+                        "(expert_ffn_fragments; default: two grouped calls)")
     a = p.parse_args(argv)
     cfg = None
     if a.config:
@@ -83,7 +85,7 @@ def main(argv=None) -> None:
         mcfg = dataclasses.replace(mcfg, **{f: v for f, v in overrides.items() if v is not None})
         f = jax.jit(lambda x, w, gs: kernel_mosaic.grouped_matmul_fragments(
             x, w, gs, activation=act, config=mcfg, prologue=a.prologue,
-            operand_pieces=a.operand_pieces))
+            operand_pieces=a.operand_pieces or 1))
     else:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
@@ -108,6 +110,8 @@ def _ffn(a, s, cfg) -> None:
             def ffn(x, wu, wd, gs, rw):
                 return kernel_mosaic.expert_ffn_fragments(x, wu, wd, gs, row_scale=rw, **kw)
         else:
+            kw["operand_pieces"] = a.operand_pieces or 1
+
             def ffn(x, wu, wd, gs, rw):
                 h = kernel_mosaic.grouped_matmul_fragments(x, wu, gs, activation="swiglu", **kw)
                 return kernel_mosaic.grouped_matmul_fragments(h, wd, gs, row_scale=rw, **kw)

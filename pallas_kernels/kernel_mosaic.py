@@ -1098,28 +1098,55 @@ def grouped_matmul_fragments(x, w: dict, group_sizes, *, activation=None, row_sc
                        config=config, prologue=prologue, operand_pieces=operand_pieces)
 
 
+# The expert FFN as one op (results/NOTES.md §55, 300B on an H100): at 8 rows (1 token, top-8)
+# handing a K-split up_gate's partial sums to the down's operand launch, that launch in 7-8
+# programs a row, saved ~3.5 µs of ~124; at 32 rows both lost (the launch's rows are long loops).
+FFN_FUSE_MAX_ROWS = 8
+FFN_DOWN_PIECES = 8
+
+
 def expert_ffn_fragments(x, w_up: dict, w_down: dict, group_sizes, *, row_scale=None,
                          out_dtype=None, layer=None, k_order: str = "natural",
                          configs: tuple[MosaicConfig | None, MosaicConfig | None] = (None, None),
-                         prologue: str | None = None, operand_pieces: int = 1):
+                         prologue: str | None = None, fuse: bool | None = None,
+                         operand_pieces: int | None = None):
     """The whole expert FFN ``row_scale * (swiglu(x @ W_up[e]) @ W_down[e])`` of fragment-ordered
-    WINT2 experts: :func:`grouped_matmul_fragments` twice, except that when the up_gate splits
-    K (its config's ``split_k > 1``, the tuned choice at a few tokens) its fp32 partial sums go
+    WINT2 experts: :func:`grouped_matmul_fragments` twice, or, fused, with a K-split up_gate
+    (its config's ``split_k > 1``, the tuned choice at a few tokens) its fp32 partial sums go
     straight into the down projection's operand launch (``prologue.expert_operands(...,
     swiglu_partials=True)`` adds them, applies SwiGLU and rounds h to bf16) instead of through
-    an XLA epilogue between the two projections: one launch and one round trip of h less (3.0
-    µs of the 300B's ~123 µs at one token, ``results/NOTES.md`` §53). ``configs``: (up_gate,
-    down) overrides of :func:`config_for`; the rest as :func:`grouped_matmul_fragments`.
+    an XLA epilogue between the two projections: one launch and one round trip of h less.
+
+    Args:
+      fuse: fuse as above (where the up_gate splits K); ``None``: at most
+        ``FFN_FUSE_MAX_ROWS`` rows, where it was measured to win (``results/NOTES.md`` §55).
+      operand_pieces: programs a row of both operand launches (at most; see
+        :func:`grouped_matmul_fragments`); ``None``: ``FFN_DOWN_PIECES`` for a fused down's, 1
+        otherwise.
+      configs: (up_gate, down) overrides of :func:`config_for`; the rest as
+        :func:`grouped_matmul_fragments`.
     """
     if x.dtype != jnp.bfloat16:
         raise NotImplementedError(f"the Mosaic WINT2 kernel takes bf16 x, got {x.dtype}")
     cfg_up = _call_config(configs[0], x.shape[0], x.shape[1], w_up, "swiglu")
-    kw = dict(layer=layer, k_order=k_order, prologue=prologue, operand_pieces=operand_pieces)
+    fuse, pieces_up, pieces_down = ffn_plan(x.shape[0], cfg_up, fuse, operand_pieces)
+    kw = dict(layer=layer, k_order=k_order, prologue=prologue)
     h = _projection(x, w_up, group_sizes, activation="swiglu", row_scale=None,
-                    out_dtype=x.dtype, config=cfg_up, keep_partials=True, **kw)
+                    out_dtype=x.dtype, config=cfg_up, keep_partials=fuse,
+                    operand_pieces=pieces_up, **kw)
     return _projection(h, w_down, group_sizes, activation=None, row_scale=row_scale,
                        out_dtype=out_dtype or x.dtype, config=configs[1],
-                       swiglu_partials=cfg_up.split_k > 1, **kw)
+                       swiglu_partials=fuse, operand_pieces=pieces_down, **kw)
+
+
+def ffn_plan(m: int, cfg_up: MosaicConfig, fuse: bool | None,
+             operand_pieces: int | None) -> tuple[bool, int, int]:
+    """``(fuse, up_gate operand pieces, down operand pieces)`` of :func:`expert_ffn_fragments`
+    for ``m`` rows whose up_gate runs ``cfg_up``."""
+    fuse = (m <= FFN_FUSE_MAX_ROWS if fuse is None else fuse) and cfg_up.split_k > 1
+    if operand_pieces is None:
+        return fuse, 1, FFN_DOWN_PIECES if fuse else 1
+    return fuse, operand_pieces, operand_pieces
 
 
 def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, layer, k_order,

@@ -469,7 +469,8 @@ def test_expert_ffn_lowers_for_cuda_on_any_host(case, monkeypatch):
 
     def fused(x, w_up, w_down, gs, r):  # up to 8 operand programs a row: as K's steps allow
         return kernel_mosaic.expert_ffn_fragments(x, w_up, w_down, gs, row_scale=r,
-                                                  layer=layer, configs=cfgs, operand_pieces=8)
+                                                  layer=layer, configs=cfgs, fuse=True,
+                                                  operand_pieces=8)
 
     def two_calls(x, w_up, w_down, gs, r):
         h = kernel_mosaic.grouped_matmul_fragments(x, w_up, gs, activation="swiglu",
@@ -497,6 +498,19 @@ def test_expert_ffn_lowers_for_cuda_on_any_host(case, monkeypatch):
     assert "stablehlo.exponential" not in text
 
 
+def test_ffn_plan_fuses_a_split_up_gate_at_few_rows():
+    split = MosaicConfig(block_m=8, mma="sync", split_k=2)
+    whole = MosaicConfig(block_m=8, mma="sync")
+    few = kernel_mosaic.FFN_FUSE_MAX_ROWS
+    assert kernel_mosaic.ffn_plan(few, split, None, None) == (
+        True, 1, kernel_mosaic.FFN_DOWN_PIECES)  # pieces on the down's operand launch only
+    assert kernel_mosaic.ffn_plan(few + 1, split, None, None) == (False, 1, 1)
+    assert kernel_mosaic.ffn_plan(few, whole, None, None) == (False, 1, 1)  # nothing to hand on
+    assert kernel_mosaic.ffn_plan(few, whole, True, None) == (False, 1, 1)
+    assert kernel_mosaic.ffn_plan(64, split, True, None)[:1] == (True,)
+    assert kernel_mosaic.ffn_plan(few, split, False, 4) == (False, 4, 4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: f"h{c[0]}-m{c[3]}")
@@ -516,7 +530,7 @@ def test_expert_ffn_matches_the_two_projections(case):
     want = reference.quant_grouped_matmul_reference(h, down_oracle, gs, fmt="bf16", row_scale=r)
     fu, fd = pallas_kernels.to_fragments(w_up), pallas_kernels.to_fragments(w_down)
     got = kernel_mosaic.expert_ffn_fragments(x, fu, fd, gs, row_scale=r, layer=layer,
-                                             configs=cfgs)
+                                             configs=cfgs, fuse=True)
     two = kernel_mosaic.grouped_matmul_fragments(
         kernel_mosaic.grouped_matmul_fragments(x, fu, gs, activation="swiglu", layer=layer,
                                                config=cfgs[0]),

@@ -27,6 +27,28 @@ def test_xla_and_default_paths_agree_on_cpu(w2):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the default is the kernel on a GPU")
+def test_expert_ffn_is_the_two_projections_off_the_mosaic_kernel():
+    """Off a Hopper GPU the FFN op is its two grouped calls, also for fragment-ordered weights
+    (decoded back); naming the Pallas kernel for those refuses instead of falling back."""
+    w_up = shapes.random_linear(jax.random.key(2), "wint2", 256, 2 * 256, 2)
+    w_down = shapes.random_linear(jax.random.key(3), "wint2", 256, 256, 2)
+    x = jax.random.normal(jax.random.key(1), (8, 256), jnp.bfloat16)
+    gs, r = jnp.asarray([5, 2], jnp.int32), jnp.linspace(0.5, 1.0, 8)
+    h = pk.quant_grouped_matmul(x, w_up, gs, fmt="wint2", activation="swiglu",
+                                implementation="xla")
+    want = np.asarray(pk.quant_grouped_matmul(h, w_down, gs, fmt="wint2", row_scale=r,
+                                              out_dtype=jnp.float32, implementation="xla"))
+    frag = pk.to_fragments(w_up), pk.to_fragments(w_down)
+    for (wu, wd), order in (((w_up, w_down), "rows"), (frag, "fragments")):
+        got = pk.quant_expert_ffn(x, wu, wd, gs, fmt="wint2", row_scale=r,
+                                  out_dtype=jnp.float32, byte_order=order)
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(NotImplementedError, match="Hopper"):
+        pk.quant_expert_ffn(x, *frag, gs, fmt="wint2", implementation="pallas",
+                            byte_order="fragments")
+
+
 def test_unknown_implementation_raises(w2):
     x = jnp.zeros((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="implementation"):
