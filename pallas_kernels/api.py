@@ -73,6 +73,15 @@ def quant_matmul(x: jax.Array, w: dict[str, jax.Array], *, fmt: Fmt, k_order: st
         return reference.quant_matmul_reference(x, _layer_of(w, layer), **kw)
 
 
+def _check_grouped_args(fmt: Fmt, implementation: Implementation, byte_order: ByteOrder) -> None:
+    if byte_order not in ("rows", "fragments"):
+        raise ValueError(f"byte_order must be 'rows' or 'fragments', got {byte_order!r}")
+    if byte_order == "fragments" and fmt != "wint2":
+        raise ValueError(f"byte_order='fragments' holds wint2 weights, got {fmt=}")
+    if implementation not in ("pallas", "xla", None):
+        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
+
+
 def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax.Array, *,
                          fmt: Fmt, k_order: str = "natural", activation: Activation = None,
                          row_scale: jax.Array | None = None, out_dtype=None,
@@ -87,12 +96,7 @@ def quant_grouped_matmul(x: jax.Array, w: dict[str, jax.Array], group_sizes: jax
     checkpoint's packed rows) or, WINT2 only, ``"fragments"`` (bytes re-ordered by
     :func:`pallas_kernels.to_fragments` for the Mosaic GPU kernel, ``kernel_mosaic.py``).
     """
-    if byte_order not in ("rows", "fragments"):
-        raise ValueError(f"byte_order must be 'rows' or 'fragments', got {byte_order!r}")
-    if byte_order == "fragments" and fmt != "wint2":
-        raise ValueError(f"byte_order='fragments' holds wint2 weights, got {fmt=}")
-    if implementation not in ("pallas", "xla", None):
-        raise ValueError(f"implementation must be 'pallas', 'xla' or None, got {implementation!r}")
+    _check_grouped_args(fmt, implementation, byte_order)
     kw = dict(fmt=fmt, k_order=k_order, activation=activation, row_scale=row_scale,
               out_dtype=out_dtype)
 
@@ -131,6 +135,7 @@ def quant_expert_ffn(x: jax.Array, w_up: dict[str, jax.Array], w_down: dict[str,
     which at a few rows hands a K-split up_gate's partial sums straight to the down's operand
     launch; otherwise two calls.
     """
+    _check_grouped_args(fmt, implementation, byte_order)
     if (byte_order == "fragments" and implementation != "xla"
             and (implementation == "pallas" or _on_gpu())):
         try:

@@ -205,6 +205,10 @@ def tuned_mosaic_config(m: int, k: int, n_out: int, *, activation: str | None = 
     return _nearest(_tuned_table(device_key(), "mosaic"), want)
 
 
+# A dense linear at a few rows splits K until about this many programs stream its weights.
+DENSE_MIN_PROGRAMS = 192
+
+
 def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None = None,
                      num_groups: int = 1) -> TuningConfig:
     """A reasonable config when no tuned entry exists (from H100 sweeps, see ``bench.py``).
@@ -235,9 +239,6 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
             split *= 2
     return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3,
                         split_k=split)
-
-
-DENSE_MIN_PROGRAMS = 192
 
 
 def _largest_pow2_divisor(v: int) -> int:
