@@ -87,8 +87,11 @@ def device_seconds(fn, instances) -> float:
     durations of the kernels it launched (the split-K sum included; memcpys excluded) are read
     from a ``jax.profiler`` trace of one run (:func:`profiling.gpu_kernel_ns`). Inside the
     jitted decode step, where XLA's command buffers replay whole runs of kernels, this is what a
-    call costs. Falls back to :func:`time_instances` where the trace holds no GPU stream (CPU).
+    call costs. Falls back to :func:`time_instances` off a GPU, or where the trace holds no GPU
+    stream.
     """
+    if jax.default_backend() != "gpu":
+        return time_instances(fn, instances)
     inner = jax.jit(fn)
     run = jax.jit(lambda insts: [inner(*a) for a in insts])
     for _ in range(2):
@@ -187,7 +190,7 @@ def _instances_count(active_bytes: int, rows: int, hidden: int) -> int:
 
 
 def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: bool,
-              two_calls: bool = False) -> list[dict]:
+              two_calls: bool = False, gpu_time: bool = False) -> list[dict]:
     s = case.shape
     ids = shapes.route(tokens, s, routing, seed=tokens)
     gs = shapes.group_sizes(ids, s.experts)
@@ -203,9 +206,11 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
     flops = 2 * rows * s.weights_per_expert()
     out = []
 
-    def record(impl, fmt, sec, nbytes):
+    def record(impl, fmt, fn, insts, nbytes):
+        sec = time_instances(fn, insts)
+        extra = {"gpu_us": device_seconds(fn, insts) * 1e6} if gpu_time else {}
         row = dict(shape=s.name, routing=routing, tokens=tokens, rows=rows, active=active,
-                   impl=impl, fmt=fmt, us=sec * 1e6, bytes=nbytes,
+                   impl=impl, fmt=fmt, us=sec * 1e6, **extra, bytes=nbytes,
                    GBps=nbytes / sec / 1e9, pct_copy=100 * nbytes / sec / 1e9 / ceil["copy_GBps"],
                    TFLOPs=flops / sec / 1e12,
                    pct_mm=100 * flops / sec / 1e12 / ceil["bf16_matmul_TFLOPs"])
@@ -224,14 +229,14 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
             # XLA's GPU ragged_dot materialises [rows, E, K]: no reference at this size.
             print(f"(no reference check at {rows} rows: ragged_dot would need "
                   f"{rows * s.experts * s.hidden * 2 / 2**30:.0f} GiB)", flush=True)
-            record(impl, fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
+            record(impl, fmt, fn, insts, ffn_bytes(fmt, s, active, rows))
             continue
         ref = jax.jit(functools.partial(op, fmt=fmt, impl="xla", byte_order=order))(*insts[0])
         # Two chained bf16 roundings (h, then y): a one-ulp difference in h moves y, so the
         # FFN is held to rel-L2 and 97% elementwise; each op alone is checked tighter (checks).
         assert_close(y, ref, rel_l2=1e-2, min_frac_close=0.97,
                      context=f"{s.name} {impl} {fmt} ffn tokens={tokens} {routing}")
-        record(impl, fmt, time_instances(fn, insts), ffn_bytes(fmt, s, active, rows))
+        record(impl, fmt, fn, insts, ffn_bytes(fmt, s, active, rows))
 
     if baselines:
         for impl, fmt in (("xla_bf16", "bf16"), ("xla_naive_decode", "wint2")):
@@ -244,7 +249,7 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
                 sel = (act_ids + shifts[i]) % s.experts
                 take = lambda t: [{k: v[e] for k, v in t.items()} for e in sel]  # noqa: E731
                 insts.append((xs[i], take(w_up), take(w_down), rw))
-            record(impl, fmt, time_instances(fn, insts), nb)
+            record(impl, fmt, fn, insts, nb)
             del insts
     return out
 
@@ -549,6 +554,11 @@ def _table(rows: list[dict]) -> str:
                      f"{w2['pct_copy']:.0f}% | {w2['TFLOPs']:.1f} ({w2['pct_mm']:.0f}%) | "
                      f"{ratio('xla_bf16:bf16')} | {ratio('xla_naive_decode:wint2')} | "
                      f"{ratio('pallas:wint4')} | {ratio('pallas:wint2')} |")
+        if "gpu_us" in w2:  # --gpu-time: the same ratios by GPU kernel time
+            gpu = lambda k: f"{d[k]['gpu_us'] / w2['gpu_us']:.2f}" if k in d else "-"  # noqa: E731
+            lines.append(f"| | | | GPU kernel time | {w2['gpu_us']:.1f} | | | "
+                         f"{gpu('xla_bf16:bf16')} | {gpu('xla_naive_decode:wint2')} | "
+                         f"{gpu('pallas:wint4')} | {gpu('pallas:wint2')} |")
     return "\n".join(lines)
 
 
@@ -562,6 +572,9 @@ def main(argv=None) -> int:
     p.add_argument("--two-calls", action="store_true",
                    help="time the Mosaic FFN as two grouped calls instead of the model's op "
                         "(quant_expert_ffn)")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="also time each FFN row by its GPU kernel time (device_seconds: a "
+                        "profiler trace), for rows of a few tens of µs where wall time is noisy")
     p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
     p.add_argument("--tune-mosaic", action="store_true",
@@ -616,7 +629,7 @@ def main(argv=None) -> int:
         for t in tokens:
             for routing in a.routings.split(","):
                 rows = bench_row(case, t, routing, ceil, baselines=not a.no_baselines,
-                                 two_calls=a.two_calls)
+                                 two_calls=a.two_calls, gpu_time=a.gpu_time)
                 results += rows
                 if out:  # a run cut short keeps what it measured
                     out.write("".join(json.dumps(r) + "\n" for r in rows))

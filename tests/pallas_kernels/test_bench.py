@@ -96,3 +96,24 @@ def test_device_seconds_falls_back_to_wall_time_without_a_gpu_trace():
     insts = [(jnp.full((32, 32), float(i)),) for i in range(2)]
     sec = bench.device_seconds(lambda x: x @ x, insts)
     assert 0 < sec < 1.0
+
+
+def test_bench_row_checks_times_and_tables_a_tiny_ffn(monkeypatch):
+    """One FFN row end to end on a tiny shape (interpret mode off a GPU): each impl checked
+    against the reference, every timed impl gets a row (``--gpu-time``: a GPU kernel time too),
+    and the table's ratios come from those rows. The timer is a stub (interpret mode is slow)."""
+    seconds = iter(range(1, 100))
+    monkeypatch.setattr(bench, "time_instances", lambda fn, insts: next(seconds) * 1e-3)
+    shape = shapes.MoeShape(name="tiny", experts=4, top_k=2, hidden=256, inter=128)
+    case = bench.Case(shape)
+    ceil = {"copy_GBps": 1.0, "bf16_matmul_TFLOPs": 1.0}
+    rows = bench.bench_row(case, 2, "uniform", ceil, baselines=True, gpu_time=True)
+    impls = {(r["impl"], r["fmt"]) for r in rows}
+    assert {("pallas", "wint2"), ("pallas", "wint4"), ("xla_bf16", "bf16"),
+            ("xla_naive_decode", "wint2")} <= impls
+    assert all(r["us"] > 0 and r["gpu_us"] > 0 and r["rows"] == 4 for r in rows)
+    wint2 = next(r for r in rows if (r["impl"], r["fmt"]) == ("pallas", "wint2"))
+    bf16 = next(r for r in rows if r["impl"] == "xla_bf16")
+    table = bench._table(rows).splitlines()
+    assert len(table) == 4 and "GPU kernel time" in table[3]
+    assert f"| {bf16['gpu_us'] / wint2['gpu_us']:.2f} |" in table[3]
