@@ -202,9 +202,8 @@ def run(cfg: ErnieConfig, *, kernels: str, block_size: int, context: int,
         rows.append(Row(f"compile+first decode B={b}", time.perf_counter() - t0, "s"))
         tok, pos = _sync(feed_back(logits, pos))  # compiles feed_back for this batch size
         t0 = time.perf_counter()
-        for _ in range(decode_steps):
-            logits, cache = step(tok, pos, tables, cache, logits_at=at)
-            tok, pos = feed_back(logits, pos)
+        tok, pos, cache = decode_steps_on_device(step, tok, pos, tables, cache, at,
+                                                 decode_steps)
         _sync(tok)
         dt = (time.perf_counter() - t0) / decode_steps
         rows.append(Row(f"decode B={b} ctx={context}", b / dt, "tok/s",
@@ -216,6 +215,14 @@ def run(cfg: ErnieConfig, *, kernels: str, block_size: int, context: int,
     return rows
 
 
+def decode_steps_on_device(step, tok, pos, tables, cache, at, n: int):
+    """``n`` greedy decode steps, each step's tokens fed back on the device (no host sync)."""
+    for _ in range(n):
+        logits, cache = step(tok, pos, tables, cache, logits_at=at)
+        tok, pos = feed_back(logits, pos)
+    return tok, pos, cache
+
+
 def _profile_decode(step, tok, pos, tables, cache, at, b: int, steps: int):
     """GPU kernel time of ``steps`` decode steps from a profiler trace: if it is close to the
     wall time per step, the GPU (not the host's dispatch) bounds the step. The note names the
@@ -225,12 +232,8 @@ def _profile_decode(step, tok, pos, tables, cache, at, b: int, steps: int):
     state = [tok, pos, cache]
 
     def work():
-        t, p, c = state
-        for _ in range(steps):
-            logits, c = step(t, p, tables, c, logits_at=at)
-            t, p = feed_back(logits, p)
-        state[:] = [t, p, c]
-        return t
+        state[:] = decode_steps_on_device(step, *state[:2], tables, state[2], at, steps)
+        return state[0]
 
     ns = gpu_kernel_ns(work)
     top = sorted(ns.items(), key=lambda kv: -kv[1])[:6]

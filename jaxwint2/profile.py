@@ -24,7 +24,6 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import glob
 import json
 import re
 import tempfile
@@ -120,26 +119,17 @@ class Kernel:
 
 
 def device_kernels(trace_dir: str) -> list[Kernel]:
-    """Device kernel events (``hlo_op`` set) of the newest ``*.xplane.pb`` under ``trace_dir``."""
-    from jax.profiler import ProfileData
+    """Device kernel events (``hlo_op`` set) of the newest ``*.xplane.pb`` under ``trace_dir``
+    (on a CPU backend, its host thunks: :func:`pallas_kernels.profiling.trace_events`)."""
+    from pallas_kernels.profiling import trace_events
 
-    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
-    data = ProfileData.from_file(path)
-    planes = [p for p in data.planes if p.name.startswith("/device:")]
-    if not planes:  # a CPU backend: its thunks run on host threads, with the same stats
-        planes = [p for p in data.planes if p.name.startswith("/host:CPU")]
     out: list[Kernel] = []
-    for plane in planes:
-        lines = list(plane.lines)
-        # Stream lines hold the kernels; derived lines ("XLA Ops", ...) would double-count.
-        streams = [ln for ln in lines if ln.name.startswith("Stream")] or lines
-        for line in streams:
-            for ev in line.events:
-                stats = dict(ev.stats)
-                if "hlo_op" not in stats or str(stats["hlo_op"]).startswith(_CONTAINERS):
-                    continue
-                out.append(Kernel(ev.name, str(stats["hlo_op"]), str(stats.get("hlo_module", "")),
-                                  float(ev.start_ns), float(ev.duration_ns)))
+    for ev in trace_events(trace_dir, host_fallback=True):
+        stats = dict(ev.stats)
+        if "hlo_op" not in stats or str(stats["hlo_op"]).startswith(_CONTAINERS):
+            continue
+        out.append(Kernel(ev.name, str(stats["hlo_op"]), str(stats.get("hlo_module", "")),
+                          float(ev.start_ns), float(ev.duration_ns)))
     return out
 
 
@@ -237,9 +227,11 @@ def profile(cfg, *, layers: int | None, kernels: str, batches: tuple[int, ...], 
         module = re.search(r"HloModule\s+([\w.\-]+)", hlo).group(1)
 
         def run(n, tok, pos, cache, tables=tables, at=at, compiled=compiled):
-            for _ in range(n):
-                logits, cache = compiled(state, tok, pos, tables, cache, at)
-                tok, pos = bench.feed_back(logits, pos)
+            def step_fn(tok, pos, tables, cache, logits_at):
+                return compiled(state, tok, pos, tables, cache, logits_at)
+
+            tok, pos, cache = bench.decode_steps_on_device(step_fn, tok, pos, tables, cache,
+                                                           at, n)
             jax.block_until_ready(tok)
             return tok, pos, cache
 

@@ -105,16 +105,10 @@ def _ffn(a, s, cfg) -> None:
     rw = jax.random.uniform(jax.random.key(3), (x.shape[0],), jnp.float32)
     if a.kernel == "mosaic":
         w_up, w_down = kernel_mosaic.to_fragments(w_up), kernel_mosaic.to_fragments(w_down)
-        kw = dict(prologue=a.prologue, operand_pieces=a.operand_pieces)
-        if a.fused_ffn:
-            def ffn(x, wu, wd, gs, rw):
-                return kernel_mosaic.expert_ffn_fragments(x, wu, wd, gs, row_scale=rw, **kw)
-        else:
-            kw["operand_pieces"] = a.operand_pieces or 1
-
-            def ffn(x, wu, wd, gs, rw):
-                h = kernel_mosaic.grouped_matmul_fragments(x, wu, gs, activation="swiglu", **kw)
-                return kernel_mosaic.grouped_matmul_fragments(h, wd, gs, row_scale=rw, **kw)
+        def ffn(x, wu, wd, gs, rw):  # two calls unless --fused-ffn (then the op's own plan)
+            return kernel_mosaic.expert_ffn_fragments(
+                x, wu, wd, gs, row_scale=rw, prologue=a.prologue,
+                fuse=None if a.fused_ffn else False, operand_pieces=a.operand_pieces)
         what = (f"mosaic tuned configs {'one op' if a.fused_ffn else 'two calls'} "
                 f"prologue={a.prologue or 'pallas'} pieces={a.operand_pieces}")
     else:

@@ -252,8 +252,9 @@ def expert_operands(x, group_sizes, *, bm: int, sums: bool, fp16: bool,
     path's group sums; ``fp16``: fp16 planes. ``layer`` (traced): as ``kernels.expert_tiles``.
     ``pieces``: programs a row, each taking ``K / pieces`` columns (a multiple of 256), for
     launches of a few rows whose programs each walk a whole row in turn (at one token: 8 rows,
-    one program an SM on 8 SMs). Not yet measured on a GPU: the default keeps one program a
-    row (``results/NOTES.md`` §51). ``swiglu_partials``: ``x`` is a SwiGLU projection's fp32
+    one program an SM on 8 SMs); measured, it pays for a fused FFN's down (bf16 planes from
+    the partial sums) at 8 rows and loses elsewhere (``results/NOTES.md`` §55), which
+    ``kernel_mosaic.ffn_plan`` follows. ``swiglu_partials``: ``x`` is a SwiGLU projection's fp32
     split-K partial sums ``[S, M, 2K]`` (gate | up) and the rows are :func:`swiglu_rows` of
     them, computed here instead of by an XLA epilogue between the two projections."""
     if implementation not in (None, "pallas", "xla"):
