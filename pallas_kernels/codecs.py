@@ -26,7 +26,9 @@ shuffle), a codec returns ``P`` *planes* of ``[bk/P, bn]``: plane ``t`` holds K 
 * WINT4 / WINT8: the integer ``q`` is exact in bf16, so the codec returns ``q`` and the kernel
   applies the per-column ``weight_scale`` to the fp32 accumulator (one multiply per output
   instead of one per weight). This equals the reference's ``bf16(q * s)`` per weight up to that
-  rounding of the reference itself, and exactly for a one-hot row of x.
+  rounding of the reference itself, and exactly for a one-hot row of x. Compiled, the
+  GEMV-style mode's fp32 WINT8 operand comes from PTX (:data:`_PTX_INT8_F32`: the magic-number
+  trick on four bytes at once) instead of a conversion instruction per weight.
 * bf16: the weight as stored.
 """
 
@@ -97,6 +99,8 @@ class Codec:
             return [refs[0][g, pl.ds(kb * rows, rows), cols].astype(dtype)]
         if self.fmt == "wint8":
             q = refs[0][g, pl.ds(kb * rows, rows), cols]  # [bk, bn] int8
+            if ptx_fma and INT_PTX_DECODE and dtype == jnp.float32:
+                return [_wint8_f32_ptx(q)]
             return [q.astype(jnp.float32).astype(dtype)]
         if self.fmt == "wint4":
             b = refs[0][g, pl.ds(kb * rows, rows), cols].astype(jnp.int32)  # [bk/2, bn]
@@ -107,6 +111,34 @@ class Codec:
 def _nibble_to_float(b: jax.Array, shift: int) -> jax.Array:
     """``((b >> shift) & 15) - 8`` as fp32, via the magic-number trick (exact)."""
     return _as_f32(((b >> shift) & 0xF) | _MAGIC_I) - (_MAGIC_F + 8.0)
+
+
+# The compiled kernel's GEMV-style mode (``"fma"``, fp32 operands) converts WINT8 bytes with
+# the PTX below (False: the jnp cast, which interpret mode always uses; kept for A/B timing).
+INT_PTX_DECODE = True
+
+# 4 int8 weights (one register) -> 4 fp32, 9 instructions and no conversion unit: the sign bit
+# flipped (q + 128 in each byte), each byte placed under the bits of 2^23 (``prmt``), then
+# 2^23 + 128 subtracted (exact). H100, one row, GPU time: 5-17 % under the cast's
+# (``results/NOTES.md`` §57). The same with a bf16 packing for the tensor-core modes (and a
+# WINT4 twin) gained nothing at 1-64 rows and lost at 1024 (6-8 % on the 21B, one 300B row
+# 47 %): not kept.
+_PTX_INT8_F32 = """{
+.reg .b32 u;
+xor.b32 u, $4, 0x80808080;
+prmt.b32 $0, u, 0x4B000000, 0x7440; prmt.b32 $1, u, 0x4B000000, 0x7441;
+prmt.b32 $2, u, 0x4B000000, 0x7442; prmt.b32 $3, u, 0x4B000000, 0x7443;
+sub.rn.f32 $0, $0, 0f4B000080; sub.rn.f32 $1, $1, 0f4B000080;
+sub.rn.f32 $2, $2, 0f4B000080; sub.rn.f32 $3, $3, 0f4B000080;
+}"""
+
+
+def _wint8_f32_ptx(q: jax.Array) -> jax.Array:
+    """``q.astype(f32)`` of an int8 tile without the conversion unit (compiled GPU only)."""
+    [out] = plgpu.elementwise_inline_asm(
+        _PTX_INT8_F32, args=[q], constraints="=r,=r,=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(q.shape, jnp.float32)])
+    return out
 
 
 def fma_f32(a: jax.Array, b: jax.Array, c: jax.Array, *, ptx: bool) -> jax.Array:

@@ -65,8 +65,6 @@ class TuningConfig:
             raise ValueError(f"mode='fma' takes block_m <= 8, got {self.block_m}")
         if self.mode != "fma" and self.block_m < 16:
             raise ValueError(f"tensor-core modes need block_m >= 16, got {self.block_m}")
-        if self.split_k > 1 and self.mode == "fma":
-            raise ValueError("split_k > 1 takes a tensor-core mode, not mode='fma'")
         if self.block_n < 16:
             raise ValueError(f"block_n={self.block_n} must be >= 16")
 
@@ -230,6 +228,12 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
         bn = 64 if bm == 16 else bn
     bk = max(min(bk, _largest_pow2_divisor(k)), 16)
     bn = max(min(bn, _largest_pow2_divisor(n_out)), 16)
+    if fmt == "wint8" and num_groups == 1 and m == 1:
+        # One row: GEMV-style CUDA-core FMAs, K split up to 16 ways (the H100 sweeps of
+        # results/NOTES.md §57: 11-43 % under the tensor-core kernel on every 1-row linear).
+        split = next(s for s in (16, 8, 4, 2, 1) if (k // 16) % s == 0)
+        return TuningConfig(block_m=1, block_n=min(128, _largest_pow2_divisor(n_out)),
+                            block_k=16, num_warps=4, num_stages=1, split_k=split, mode="fma")
     split = 1
     if fmt in ("bf16", "wint8") and num_groups == 1 and bm == 16:
         # A dense linear at a few rows: split K until ~192 programs stream weights (the 1-token
@@ -239,6 +243,22 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
             split *= 2
     return TuningConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3,
                         split_k=split)
+
+
+def _fma_for_rows(cfg: TuningConfig, m: int) -> TuningConfig | None:
+    """A GEMV-style entry of a nearby row bucket, fitted to ``m`` rows: one tile of all of them
+    (a smaller tile would read the weights once per tile), K and N blocks halved until the
+    per-row partial sums fit ~64 fp32 registers a thread; ``None`` past 8 rows."""
+    bm = rows_bucket(m)
+    if bm > 8:
+        return None
+    bk, bn = cfg.block_k, cfg.block_n
+    while bm * bk * bn > 64 * 32 * cfg.num_warps and (bk > 16 or bn > 16):
+        if bk > 16:
+            bk //= 2
+        else:
+            bn //= 2
+    return dataclasses.replace(cfg, block_m=bm, block_k=bk, block_n=bn)
 
 
 def _largest_pow2_divisor(v: int) -> int:
@@ -251,6 +271,8 @@ def get_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | None =
     the heuristic."""
     want = TunedKey(fmt, activation or "none", num_groups, k, n_out, rows_bucket(m))
     best = _nearest(_tuned_table(device_key()), want)
+    if best is not None and best.mode == "fma" and num_groups == 1:
+        best = _fma_for_rows(best, m)  # grouped: a tile is one expert's rows, tuned as is
     if best is not None:
         return best
     return heuristic_config(fmt, m, k, n_out, activation=activation, num_groups=num_groups)

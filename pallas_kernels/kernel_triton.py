@@ -40,7 +40,11 @@ Modes (``TuningConfig.mode``; the tuned table picks one per row regime):
   tables pick it up to ~256 tokens.
 * ``"mma_merged"``: planes interleaved back to natural K order, one dot of depth bk.
 * ``"fma"``: <= 8 rows per tile on CUDA-core FMAs ([bk/P, bn] fp32 partial sums per row,
-  reduced once), no tensor cores; no longer picked by a tuned entry (mma_gs with split-K won).
+  reduced once), no tensor cores, with or without a K split. GEMV-style: with bk 16-32 and K
+  split 8-32 ways it is what the tuned tables pick for the dense WINT8 linears at one row (the
+  tensor-core tiles left them latency-bound: 300B qkv 48.5 -> 37.2 µs on the H100) and for the
+  300B's WINT4 up_gate at one token (``results/NOTES.md`` §57-58); the WINT2 experts' mma_gs
+  with split-K beat its unsplit form.
 
 At small M every active expert has exactly one tile per n tile, so its packed weights are read
 from HBM exactly once; the decode runs in registers and only bf16 planes meet the MMA.
@@ -233,17 +237,26 @@ def _kernel(grp_ref, blk_ref, lo_ref, hi_ref, x_ref, *refs, fmt: str, num_groups
 
         zeros = tuple(tuple(jnp.zeros((rp, bn), jnp.float32) for _ in range(bm))
                       for _ in col_offsets)
-        accs = jax.lax.fori_loop(0, k // bk, body, zeros)
+        per = k // bk // cfg.split_k
+        accs = jax.lax.fori_loop(0, per, lambda i, a: body(s * per + i, a), zeros)
         for r in range(bm):
             row = row0 + r
+            row_mask = jnp.full((1, bn), (row >= lo) & (row < hi))
+            if split:  # fp32 partial sums, column-scaled; the rest after the sum (as in mma)
+                for c, a in zip(col_offsets, accs, strict=True):
+                    acc_r = jnp.sum(a[r], axis=0, keepdims=True)  # [1, bn]
+                    if codec.column_scaled:
+                        acc_r = acc_r * codec.column_scale(w_refs, g, c, bn)
+                    plgpu.store(o_ref.at[s, pl.ds(row, 1), pl.ds(c, bn)], acc_r,
+                                mask=row_mask)
+                continue
             rs = None
             if rs_ref is not None:
                 rs = plgpu.load(rs_ref.at[pl.ds(row, 1)], mask=row < m, other=0.0)
                 rs = rs.astype(jnp.float32)[None, :]
             acc_r = tuple(jnp.sum(a[r], axis=0, keepdims=True) for a in accs)  # [1, bn]
             plgpu.store(o_ref.at[pl.ds(row, 1), pl.ds(n0, bn)],
-                        epilogue(acc_r, rs).astype(o_ref.dtype),
-                        mask=jnp.full((1, bn), (row >= lo) & (row < hi)))
+                        epilogue(acc_r, rs).astype(o_ref.dtype), mask=row_mask)
 
     pl.when((hi > lo) & (g < num_groups))(_compute_fma if cfg.mode == "fma" else _compute_mma)
 

@@ -155,13 +155,37 @@ def test_tuning_config_validation_and_heuristic():
     assert 8192 % small.block_k == 0 and 3584 % big.block_n == 0
     key = config.TunedKey("wint2", "swiglu", 64, 8192, 3584, 8)
     assert str(key) == "wint2|swiglu|64|8192|3584|8"
-    # a dense WINT8 linear at one row splits K until ~192 programs, where the K blocks divide
-    assert config.heuristic_config("wint8", 1, 2560, 3072, activation="swiglu").split_k == 4
-    assert config.heuristic_config("wint8", 1, 3072, 2560).split_k == 8  # 40 column blocks
-    assert config.heuristic_config("wint8", 1, 2560, 2560).split_k == 4  # 20 K blocks: not 8
-    assert config.heuristic_config("wint8", 1, 8192, 8192 * 4).split_k == 1  # 512 programs
+    # a dense WINT8 linear at a few rows splits K until ~192 programs, where the K blocks divide
+    assert config.heuristic_config("wint8", 4, 2560, 3072, activation="swiglu").split_k == 4
+    assert config.heuristic_config("wint8", 4, 3072, 2560).split_k == 8  # 40 column blocks
+    assert config.heuristic_config("wint8", 4, 2560, 2560).split_k == 4  # 20 K blocks: not 8
+    assert config.heuristic_config("wint8", 4, 8192, 8192 * 4).split_k == 1  # 512 programs
     assert config.heuristic_config("wint8", 256, 2560, 2560).split_k == 1  # many rows
+    # ... and at one row runs GEMV-style, K split up to 16 ways where the 16-row K blocks divide
+    one = config.heuristic_config("wint8", 1, 2560, 2560)
+    assert (one.mode, one.block_m, one.block_k, one.split_k) == ("fma", 1, 16, 16)
+    assert config.heuristic_config("wint8", 1, 2576, 2560).split_k == 1  # 161 K blocks
+    assert config.heuristic_config("wint8", 1, 2560, 96).block_n == 32
+    assert config.heuristic_config("bf16", 1, 2560, 2560).mode == "mma"  # measured on WINT8 only
     assert config.heuristic_config("wint2", 8, 8192, 3584, num_groups=64).split_k == 1
+
+
+def test_a_tuned_gemv_entry_is_fitted_to_the_rows(monkeypatch):
+    """A one-row GEMV-style entry serves 2-8 rows as one tile of them all (a tile per row would
+    read the weights once per row), in blocks that keep the partial sums in registers; past
+    8 rows the heuristic takes over."""
+    fma = config.TuningConfig(block_m=1, block_n=256, block_k=32, num_warps=4, num_stages=1,
+                              split_k=16, mode="fma")
+    key = str(config.TunedKey("wint8", "none", 1, 2560, 2560, 1))
+    monkeypatch.setattr(config, "_tuned_table", lambda device, section="configs": {key: fma})
+    assert config.get_config("wint8", 1, 2560, 2560) == fma
+    two = config.get_config("wint8", 2, 2560, 2560)
+    assert (two.mode, two.block_m, two.block_k, two.block_n, two.split_k) == ("fma", 2, 16, 256, 16)
+    four = config.get_config("wint8", 4, 2560, 2560)  # bucket 4: 2 bit-lengths from 1, found
+    assert (four.block_m, four.block_k, four.block_n) == (4, 16, 128)
+    key4 = str(config.TunedKey("wint8", "none", 1, 2560, 2560, 4))
+    monkeypatch.setattr(config, "_tuned_table", lambda device, section="configs": {key4: fma})
+    assert config.get_config("wint8", 12, 2560, 2560).mode == "mma"  # bucket 16: found, refit
 
 
 def test_tuned_tables_parse():

@@ -28,6 +28,13 @@ CPU_CASES = [
          config=TuningConfig(block_m=16, block_n=32, block_k=64, split_k=2)),
     dict(fmt="wint2", grouped=True, row_scale=True,
          config=TuningConfig(block_m=16, block_n=32, block_k=128, mode="mma_gs", split_k=2)),
+    # GEMV-style CUDA-core FMAs with a K split (the dense WINT8 linears at one row)
+    dict(fmt="wint8", grouped=False, m=3,
+         config=TuningConfig(block_m=2, block_n=32, block_k=32, mode="fma", split_k=4)),
+    dict(fmt="wint8", grouped=True, activation="swiglu", row_scale=True,
+         config=TuningConfig(block_m=1, block_n=32, block_k=32, mode="fma", split_k=2)),
+    dict(fmt="wint4", grouped=True, activation="swiglu", m=6, padding=1,  # 300B's 1-token pick
+         config=TuningConfig(block_m=1, block_n=32, block_k=32, mode="fma", split_k=4)),
 ]
 GS = TuningConfig(block_m=16, block_n=32, block_k=128, mode="mma_gs")
 
