@@ -259,25 +259,33 @@ def bench_row(case: Case, tokens: int, routing: str, ceil: dict, *, baselines: b
 # ---------------------------------------------------------------------------------------------
 
 
-def dense_rows(ceil: dict, tokens_list, *, shape_names) -> list[dict]:
+def dense_rows(ceil: dict, tokens_list, *, shape_names, linears=None, baselines: bool = True,
+               gpu_time: bool = False) -> list[dict]:
     """Time the dense linears of each model (``shapes.DENSE``) in their checkpoint format.
 
     Per (linear, tokens): the Pallas kernel, the XLA reference (jnp decode then ``jnp.dot``, which
     XLA may fuse), and bf16 weights through XLA, each checked against the reference first.
+    ``baselines=False``: the Pallas kernel only (still checked). ``gpu_time``: each row also gets
+    ``gpu_us``, its GPU kernel time (:func:`device_seconds`).
     """
     from .api import quant_matmul
 
     out = []
     for name in shape_names:
         for lin in shapes.DENSE[name]:
+            if linears and lin.name not in linears:
+                continue
             key = jax.random.key(hash(lin.name) % 2**31)
             ws = {fmt: shapes.random_linear(jax.random.fold_in(key, i), fmt, lin.k, lin.n)
                   for i, fmt in enumerate(dict.fromkeys((lin.fmt, "bf16")))}
             for tokens in tokens_list:
                 x = jax.random.normal(jax.random.fold_in(key, tokens), (tokens, lin.k),
                                       jnp.bfloat16)
-                impls = [("pallas", lin.fmt), ("xla", lin.fmt)] if lin.fmt != "bf16" else []
-                impls.append(("xla", "bf16"))
+                impls = [("pallas", lin.fmt)] if lin.fmt != "bf16" else []
+                if baselines:
+                    impls += [("xla", lin.fmt)] if lin.fmt != "bf16" else []
+                if baselines or lin.fmt == "bf16":
+                    impls.append(("xla", "bf16"))
                 ref = None
                 for impl, fmt in impls:
                     fn = functools.partial(quant_matmul, fmt=fmt, implementation=impl)
@@ -297,6 +305,10 @@ def dense_rows(ceil: dict, tokens_list, *, shape_names) -> list[dict]:
                                GBps=nb / sec / 1e9,
                                pct_copy=100 * nb / sec / 1e9 / ceil["copy_GBps"],
                                TFLOPs=2 * tokens * lin.k * lin.n / sec / 1e12)
+                    if gpu_time:
+                        g = device_seconds(fn, xs)
+                        row.update(gpu_us=g * 1e6, gpu_pct_copy=100 * nb / g / 1e9
+                                   / ceil["copy_GBps"])
                     out.append(row)
                     print(json.dumps(row), flush=True)
     return out
@@ -306,11 +318,13 @@ def _dense_table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["shape"], r["linear"], r["tokens"]), {})[r["impl"] + ":" + r["fmt"]] = r
-    lines = ["| shape | linear | tokens | impl:fmt | µs | GB/s | %copy BW |", "|" + "---|" * 7]
+    lines = ["| shape | linear | tokens | impl:fmt | µs | GB/s | %copy BW | GPU µs | GPU %copy |",
+             "|" + "---|" * 9]
     for (shape, lin, tokens), d in by.items():
         for k, r in d.items():
+            gpu = (f"{r['gpu_us']:.1f} | {r['gpu_pct_copy']:.0f}%" if "gpu_us" in r else "- | -")
             lines.append(f"| {shape} | {lin} | {tokens} | {k} | {r['us']:.1f} | "
-                         f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% |")
+                         f"{r['GBps']:.0f} | {r['pct_copy']:.0f}% | {gpu} |")
     return "\n".join(lines)
 
 
@@ -336,6 +350,14 @@ def _dense_candidates(rows: int):
     for bm, bn, bk, nw, ns, *split in table:
         yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns,
                 split_k=split[0] if split else 1)
+    if rows <= 8:  # GEMV-style CUDA-core FMAs, K split 4-32 ways (results/NOTES.md §57)
+        bm = config_lib.rows_bucket(rows)
+        shapes_ = ([(bn, bk) for bn in (128, 256) for bk in (16, 32)] if bm <= 2 else
+                   [(64, 16), (128, 16)])
+        for (bn, bk), nw, split in itertools.product(shapes_, (4, 8), (
+                (8, 16, 32) if bm <= 2 else (4, 8, 16))):
+            yield T(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=1,
+                    split_k=split, mode="fma")
 
 
 def _sweep(op, args, candidates, key: config_lib.TunedKey, label: str, *,
@@ -369,6 +391,8 @@ def tune_dense(tokens_list, *, shape_names, linears=None, write=None) -> dict:
     As the model calls them: the instances are the layers of one stacked weight, each read in
     place (``layer=i``), enough of them to exceed ~3x the L2; timed by :func:`device_seconds`
     (a few-µs call timed by wall clock reads the host's dispatch, and picked configs by it).
+    The weight is an argument of the timed program, not a constant it closes over: closed
+    over, every candidate's compile embedded the whole stack (~10 s a candidate).
     ``linears``: only these names of ``shapes.DENSE``; ``write(table)``: called with each new
     entry as it is found (a run cut short keeps what it tuned).
     """
@@ -385,14 +409,14 @@ def tune_dense(tokens_list, *, shape_names, linears=None, write=None) -> dict:
                                                                             lin.n))))
             w = shapes.random_linear(jax.random.key(5), lin.fmt, lin.k, lin.n, layers)
 
-            def op(x, layer, *, w=w, act=act, fmt=lin.fmt, **kw):
+            def op(x, w, layer, *, act=act, fmt=lin.fmt, **kw):
                 return kernels.quant_matmul(x, w, fmt=fmt, activation=act, layer=layer, **kw)
 
             for tokens in tokens_list:
                 x = jax.random.normal(jax.random.key(3), (tokens, lin.k), jnp.bfloat16)
                 key = config_lib.TunedKey(lin.fmt, act or "none", 1, lin.k, n_out,
                                           config_lib.rows_bucket(tokens))
-                insts = [(x + i, jnp.int32(i)) for i in range(layers)]
+                insts = [(x + i, w, jnp.int32(i)) for i in range(layers)]
                 k, entry = _sweep(op, insts, _dense_candidates(tokens), key,
                                   f"{name} {lin.name} tokens={tokens}", timer=device_seconds)
                 table[k] = entry
@@ -426,6 +450,9 @@ def _candidates(fmt: str, rows: int, experts: int):
         if per <= 2:
             table += [(per, 32, 256, 4, "fma"), (16, 64, 256, 4, gs, 2),
                       (16, 32, 128, 2, gs, 2), (16, 64, 128, 2, gs, 2)]
+            # GEMV-style with a K split, as the dense linears' one-row entries (§57)
+            bk = max(32, codecs.CODECS[fmt].min_block_k)
+            table += [(per, bn, bk, 4, "fma", s) for bn in (64, 128) for s in (4, 8, 16)]
     elif per <= 64:
         table = [(16, 64, 128, 4, "mma"), (32, 64, 128, 4, "mma"), (32, 32, 256, 4, "mma"),
                  (32, 64, 128, 4, gs), (16, 64, 128, 4, gs), (64, 64, 128, 4, "mma")]
@@ -573,8 +600,9 @@ def main(argv=None) -> int:
                    help="time the Mosaic FFN as two grouped calls instead of the model's op "
                         "(quant_expert_ffn)")
     p.add_argument("--gpu-time", action="store_true",
-                   help="also time each FFN row by its GPU kernel time (device_seconds: a "
-                        "profiler trace), for rows of a few tens of µs where wall time is noisy")
+                   help="also time each row (FFN or --dense) by its GPU kernel time "
+                        "(device_seconds: a profiler trace), for rows of a few tens of µs where "
+                        "wall time is noisy")
     p.add_argument("--tune", action="store_true", help="sweep configs, write tuned/<device>.json")
     p.add_argument("--fmts", default="wint2,wint4", help="formats to tune")
     p.add_argument("--tune-mosaic", action="store_true",
@@ -586,13 +614,17 @@ def main(argv=None) -> int:
                    help="--dense: only these linears (names in shapes.DENSE, comma-separated)")
     p.add_argument("--wint2-decode", choices=("ptx", "jnp"), default="ptx",
                    help="in-kernel WINT2 decode of mode mma_gs (A/B timing; ptx is the default)")
+    p.add_argument("--int-decode", choices=("ptx", "jnp"), default="ptx",
+                   help="WINT8 bytes -> fp32 in the GEMV-style 'fma' kernel (A/B timing; ptx "
+                        "is the default)")
     p.add_argument("--out", default=None, help="JSON lines file")
     a = p.parse_args(argv)
     codecs.WINT2_PTX_DECODE = a.wint2_decode == "ptx"
+    codecs.INT_PTX_DECODE = a.int_decode == "ptx"
     tokens = [int(t) for t in a.tokens.split(",")]
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
-                wint2_decode=a.wint2_decode,
+                wint2_decode=a.wint2_decode, int_decode=a.int_decode,
                 command="python -m pallas_kernels.bench " + " ".join(argv or sys.argv[1:]))
     ceil = ceilings()
     meta.update(ceil)
@@ -605,7 +637,9 @@ def main(argv=None) -> int:
                    write=functools.partial(_write_tuned, meta=meta))
         return 0
     if a.dense:
-        rows = dense_rows(ceil, tokens, shape_names=a.shapes.split(","))
+        rows = dense_rows(ceil, tokens, shape_names=a.shapes.split(","),
+                          linears=a.linears.split(",") if a.linears else None,
+                          baselines=not a.no_baselines, gpu_time=a.gpu_time)
         if a.out:
             with open(a.out, "a") as f:
                 f.write("".join(json.dumps({**meta, **r}) + "\n" for r in rows))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import bench, config, kernel_mosaic, shapes
+from pallas_kernels import bench, checks, config, kernel_mosaic, reference, shapes
 
 
 def test_time_instances_traces_the_op_once_and_reports_per_instance_seconds():
@@ -117,3 +117,58 @@ def test_bench_row_checks_times_and_tables_a_tiny_ffn(monkeypatch):
     table = bench._table(rows).splitlines()
     assert len(table) == 4 and "GPU kernel time" in table[3]
     assert f"| {bf16['gpu_us'] / wint2['gpu_us']:.2f} |" in table[3]
+
+
+def test_dense_rows_check_time_and_table_one_linear(monkeypatch):
+    """``--dense`` on a tiny linear (interpret mode off a GPU): ``--linears`` picks it, the
+    kernel is checked and timed, ``--no-baselines`` leaves the XLA rows out, ``--gpu-time``
+    adds the GPU column. The timer is a stub (interpret mode is slow)."""
+    seconds = iter(range(1, 100))
+    monkeypatch.setattr(bench, "time_instances", lambda fn, insts: next(seconds) * 1e-3)
+    monkeypatch.setitem(shapes.DENSE, "tiny", (shapes.DenseLinear("a", 256, 128, "wint8"),
+                                               shapes.DenseLinear("b", 256, 64, "wint4")))
+    ceil = {"copy_GBps": 1.0, "bf16_matmul_TFLOPs": 1.0}
+    rows = bench.dense_rows(ceil, [2], shape_names=["tiny"], linears=["a"], baselines=False,
+                            gpu_time=True)
+    assert [(r["linear"], r["impl"], r["fmt"]) for r in rows] == [("a", "pallas", "wint8")]
+    assert rows[0]["us"] > 0 and rows[0]["gpu_us"] > 0
+    full = bench.dense_rows(ceil, [2], shape_names=["tiny"], linears=["a"])
+    assert {(r["impl"], r["fmt"]) for r in full} == {("pallas", "wint8"), ("xla", "wint8"),
+                                                     ("xla", "bf16")}
+    [row] = bench._dense_table(rows).splitlines()[2:]
+    assert row.startswith("| tiny | a | 2 | pallas:wint8 | 1000.0 |") and row.endswith("% |")
+    assert all(r.endswith("| - | - |") for r in bench._dense_table(full).splitlines()[2:])
+
+
+def test_tune_dense_times_the_layers_of_one_stack_passed_as_an_argument(monkeypatch):
+    """The dense tuner's instances are the layers of one stacked weight, each read in place, the
+    weight an argument of the timed program (closed over, each candidate's compile embedded it);
+    the fastest candidate becomes the entry, written as found."""
+    monkeypatch.setitem(shapes.DENSE, "tiny", (shapes.DenseLinear("a", 256, 64, "wint8"),))
+    cands = [config.TuningConfig(block_m=16, block_n=32, block_k=64),
+             config.TuningConfig(block_m=1, block_n=32, block_k=16, num_stages=1, split_k=2,
+                                 mode="fma")]
+    monkeypatch.setattr(bench, "_dense_candidates", lambda rows: iter(cands))
+    seen = []
+
+    def fake_device_seconds(fn, insts):
+        cfg = fn.keywords["config"]
+        layers = [int(layer) for _, _, layer in insts]
+        w = insts[0][1]
+        assert all(i[1] is w for i in insts) and w["quant_weight"].shape[0] == len(insts)
+        for x, w, layer in insts[:2]:  # each layer's output is that layer's matmul
+            y = fn.func(x, w, layer, interpret=True, config=cfg)
+            want = reference.quant_matmul_reference(
+                x, {k: v[int(layer)] for k, v in w.items()}, fmt="wint8")
+            checks.assert_close(y, want)
+        seen.append((cfg.mode, layers))
+        return {"mma": 4e-6, "fma": 2e-6}[cfg.mode]
+
+    monkeypatch.setattr(bench, "device_seconds", fake_device_seconds)
+    written = []
+    table = bench.tune_dense([1], shape_names=["tiny"], write=written.append)
+    n = len(seen[0][1])
+    assert n >= 2 and seen == [("mma", list(range(n))), ("fma", list(range(n)))]
+    [(key, entry)] = table.items()
+    assert key == "wint8|none|1|256|64|1" and written == [table]
+    assert entry["config"]["mode"] == "fma" and entry["us"] == pytest.approx(2.0)
