@@ -163,8 +163,9 @@ def device_key() -> str:
     return "".join(c if c.isalnum() else "_" for c in d.device_kind.lower()).strip("_")
 
 
-# A device without its own table borrows the table of a same-architecture device (same SM count,
-# shared memory and registers; only the memory bandwidth differs): the H200 uses the H100's.
+# A device borrows the entries its own table lacks from a same-architecture device (same SM
+# count, shared memory and registers; only the memory bandwidth differs): the H200 the H100's.
+# Per key, so that tuning a few shapes on the H200 does not hide the rest of the H100's table.
 FALLBACK_TABLES = {"nvidia_h200": "nvidia_h100_80gb_hbm3"}
 
 
@@ -173,15 +174,16 @@ SECTIONS = {"configs": TuningConfig, "mosaic": MosaicConfig}
 
 @functools.cache
 def _tuned_table(device: str, section: str = "configs") -> dict:
-    """``{key: config}`` of one section of a device's table (``{}`` if it has none)."""
+    """``{key: config}`` of one section of a device's table, over its fallback device's entries
+    (``{}`` if neither has a table)."""
+    table = _tuned_table(FALLBACK_TABLES[device], section) if device in FALLBACK_TABLES else {}
     path = TUNED_DIR / f"{device}.json"
-    if not path.exists() and device in FALLBACK_TABLES:
-        path = TUNED_DIR / f"{FALLBACK_TABLES[device]}.json"
-    if not path.exists():
-        return {}
-    raw = json.loads(path.read_text())
-    cls = SECTIONS[section]
-    return {key: cls(**entry["config"]) for key, entry in raw.get(section, {}).items()}
+    if path.exists():
+        raw = json.loads(path.read_text())
+        cls = SECTIONS[section]
+        table = {**table, **{key: cls(**entry["config"])
+                             for key, entry in raw.get(section, {}).items()}}
+    return table
 
 
 def _nearest(table: dict, want: TunedKey):

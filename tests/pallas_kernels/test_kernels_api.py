@@ -1,5 +1,6 @@
 """Dispatch (``implementation=``), shape errors, tile tables, configs, import hygiene."""
 
+import json
 import subprocess
 import sys
 
@@ -251,3 +252,23 @@ def test_large_ref_offset_workaround_is_installed():
     from pallas_kernels import kernel_triton
 
     assert kernel_triton.LARGE_REFS_OK
+
+
+def test_a_device_table_falls_back_per_key(tmp_path, monkeypatch):
+    """The H200 reads its own entries first and the H100's for every key it lacks."""
+    monkeypatch.setattr(config, "TUNED_DIR", tmp_path)
+    cfg = lambda bn: {"config": config.TuningConfig(block_n=bn).to_dict()}  # noqa: E731
+    (tmp_path / "nvidia_h100_80gb_hbm3.json").write_text(
+        json.dumps({"configs": {"a": cfg(32), "b": cfg(64)}}))
+    config._tuned_table.cache_clear()
+    try:
+        assert {k: c.block_n for k, c in config._tuned_table("nvidia_h200").items()} == {
+            "a": 32, "b": 64}  # no table of its own: all borrowed
+        (tmp_path / "nvidia_h200.json").write_text(json.dumps({"configs": {"b": cfg(128)}}))
+        config._tuned_table.cache_clear()
+        assert {k: c.block_n for k, c in config._tuned_table("nvidia_h200").items()} == {
+            "a": 32, "b": 128}
+        assert config._tuned_table("nvidia_h200", "mosaic") == {}
+        assert config._tuned_table("cpu") == {}
+    finally:
+        config._tuned_table.cache_clear()
