@@ -234,7 +234,7 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
         # One row: GEMV-style CUDA-core FMAs, K split up to 16 ways (the H100 sweeps of
         # results/NOTES.md §57: 11-43 % under the tensor-core kernel on every 1-row linear).
         split = next(s for s in (16, 8, 4, 2, 1) if (k // 16) % s == 0)
-        return TuningConfig(block_m=1, block_n=min(128, _largest_pow2_divisor(n_out)),
+        return TuningConfig(block_m=1, block_n=max(16, min(128, _largest_pow2_divisor(n_out))),
                             block_k=16, num_warps=4, num_stages=1, split_k=split, mode="fma")
     split = 1
     if fmt in ("bf16", "wint8") and num_groups == 1 and bm == 16:

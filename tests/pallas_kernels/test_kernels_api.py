@@ -65,13 +65,14 @@ def test_pallas_raises_not_implemented_naming_the_constraint(k, msg):
         kernels.quant_matmul(x, w, interpret=True, fmt="wint2", config=cfg)
 
 
-def test_pallas_named_explicitly_never_falls_back():
+@pytest.mark.parametrize("rows", [4, 1])  # 1: the GEMV-style heuristic
+def test_pallas_named_explicitly_never_falls_back(rows):
     w = shapes.random_linear(jax.random.key(0), "wint8", 64, 24)  # N=24: no block_n divides it
-    x = jnp.ones((4, 64), jnp.bfloat16)
+    x = jnp.ones((rows, 64), jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="N_out=24 must be divisible by block_n"):
         pk.quant_matmul(x, w, fmt="wint8", implementation="pallas")
     y = pk.quant_matmul(x, w, fmt="wint8", implementation=None)  # falls back to the reference
-    assert y.shape == (4, 24)
+    assert y.shape == (rows, 24)
 
 
 @pytest.mark.parametrize("bad,msg", [
@@ -167,6 +168,7 @@ def test_tuning_config_validation_and_heuristic():
     assert (one.mode, one.block_m, one.block_k, one.split_k) == ("fma", 1, 16, 16)
     assert config.heuristic_config("wint8", 1, 2576, 2560).split_k == 1  # 161 K blocks
     assert config.heuristic_config("wint8", 1, 2560, 96).block_n == 32
+    assert config.heuristic_config("wint8", 1, 2560, 24).block_n == 16  # the kernel refuses it
     assert config.heuristic_config("bf16", 1, 2560, 2560).mode == "mma"  # measured on WINT8 only
     assert config.heuristic_config("wint2", 8, 8192, 3584, num_groups=64).split_k == 1
 
