@@ -54,17 +54,25 @@ L2_BYTES = 50 * 2**20
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8)
+def _program(fn):
+    """One jitted program calling ``fn`` (jitted on its own, so a Pallas kernel is lowered and
+    compiled once, not once per instance) on every instance of a list. Cached by ``fn``, so that
+    a row timed both by wall clock and by GPU kernel time compiles it once."""
+    inner = jax.jit(fn)
+    return jax.jit(lambda insts: [inner(*a) for a in insts])
+
+
 def time_instances(fn, instances, *, reps: int = 5, min_seconds: float = 0.02) -> float:
     """Median seconds per call of ``fn(*inst)`` over ``instances``, with dispatch overlapped.
 
-    One jitted program calls ``fn`` (jitted on its own, so a Pallas kernel is lowered and
-    compiled once, not once per instance) on every instance; a timing dispatches that program
-    back to back until ``min_seconds`` of work is queued and syncs once. A single dispatch + sync
-    costs ~0.1-0.2 ms on the GPU machine, as much as a 1-token 300B FFN: timed one program per
-    sync over 2 instances, that FFN read 354 µs for 158 µs of GPU work (results/NOTES.md §25).
+    One jitted program (:func:`_program`) calls ``fn`` on every instance; a timing dispatches
+    that program back to back until ``min_seconds`` of work is queued and syncs once. A single
+    dispatch + sync costs ~0.1-0.2 ms on the GPU machine, as much as a 1-token 300B FFN: timed
+    one program per sync over 2 instances, that FFN read 354 µs for 158 µs of GPU work
+    (results/NOTES.md §25).
     """
-    inner = jax.jit(fn)
-    run = jax.jit(lambda insts: [inner(*a) for a in insts])
+    run = _program(fn)
     jax.block_until_ready(run(instances))
     t0 = time.perf_counter()
     jax.block_until_ready(run(instances))
@@ -92,8 +100,7 @@ def device_seconds(fn, instances) -> float:
     """
     if jax.default_backend() != "gpu":
         return time_instances(fn, instances)
-    inner = jax.jit(fn)
-    run = jax.jit(lambda insts: [inner(*a) for a in insts])
+    run = _program(fn)
     for _ in range(2):
         jax.block_until_ready(run(instances))
     ns = sum(profiling.gpu_kernel_ns(lambda: run(instances)).values())
@@ -281,11 +288,11 @@ def dense_rows(ceil: dict, tokens_list, *, shape_names, linears=None, baselines:
             for tokens in tokens_list:
                 x = jax.random.normal(jax.random.fold_in(key, tokens), (tokens, lin.k),
                                       jnp.bfloat16)
-                impls = [("pallas", lin.fmt)] if lin.fmt != "bf16" else []
-                if baselines:
-                    impls += [("xla", lin.fmt)] if lin.fmt != "bf16" else []
-                if baselines or lin.fmt == "bf16":
-                    impls.append(("xla", "bf16"))
+                if lin.fmt == "bf16":
+                    impls = [("xla", "bf16")]
+                else:
+                    impls = [("pallas", lin.fmt), *([("xla", lin.fmt), ("xla", "bf16")]
+                                                    if baselines else [])]
                 ref = None
                 for impl, fmt in impls:
                     fn = functools.partial(quant_matmul, fmt=fmt, implementation=impl)

@@ -216,8 +216,14 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
     Few rows per expert: one 16-row tile per active expert, narrow column blocks (many
     programs stream weights in parallel) and a K block that keeps the decoded planes within
     ~128 registers per thread (occupancy is register-limited). Many rows per expert: 64-row
-    tiles raise the MMA's arithmetic intensity.
+    tiles raise the MMA's arithmetic intensity. A dense WINT8 linear at one row: GEMV-style.
     """
+    if fmt == "wint8" and num_groups == 1 and m == 1:
+        # One row: GEMV-style CUDA-core FMAs, K split up to 16 ways (the H100 sweeps of
+        # results/NOTES.md §57: 11-43 % under the tensor-core kernel on every 1-row linear).
+        split = next(s for s in (16, 8, 4, 2, 1) if (k // 16) % s == 0)
+        return TuningConfig(block_m=1, block_n=max(16, min(128, _largest_pow2_divisor(n_out))),
+                            block_k=16, num_warps=4, num_stages=1, split_k=split, mode="fma")
     per_group = max(1, m // max(1, min(num_groups, m)))
     if per_group <= 16:
         bm, bn, bk, nw = 16, 32, 256, 4
@@ -230,12 +236,6 @@ def heuristic_config(fmt: str, m: int, k: int, n_out: int, *, activation: str | 
         bn = 64 if bm == 16 else bn
     bk = max(min(bk, _largest_pow2_divisor(k)), 16)
     bn = max(min(bn, _largest_pow2_divisor(n_out)), 16)
-    if fmt == "wint8" and num_groups == 1 and m == 1:
-        # One row: GEMV-style CUDA-core FMAs, K split up to 16 ways (the H100 sweeps of
-        # results/NOTES.md §57: 11-43 % under the tensor-core kernel on every 1-row linear).
-        split = next(s for s in (16, 8, 4, 2, 1) if (k // 16) % s == 0)
-        return TuningConfig(block_m=1, block_n=max(16, min(128, _largest_pow2_divisor(n_out))),
-                            block_k=16, num_warps=4, num_stages=1, split_k=split, mode="fma")
     split = 1
     if fmt in ("bf16", "wint8") and num_groups == 1 and bm == 16:
         # A dense linear at a few rows: split K until ~192 programs stream weights (the 1-token

@@ -25,6 +25,19 @@ def test_time_instances_traces_the_op_once_and_reports_per_instance_seconds():
     assert 0 < sec < 1.0
 
 
+def test_wall_and_gpu_timing_of_one_op_share_one_compiled_program():
+    traces = []
+
+    def fn(x):
+        traces.append(x.shape)
+        return x * 2.0
+
+    insts = [(jnp.ones((8, 8)),)]
+    bench.time_instances(fn, insts, reps=1, min_seconds=0.001)
+    bench.device_seconds(fn, insts)  # off a GPU: wall time again, through the same program
+    assert traces == [(8, 8)]
+
+
 def test_tune_problems_cover_both_projections_and_both_routings():
     shape = shapes.MoeShape(name="tiny", experts=8, top_k=2, hidden=256, inter=128)
     case = types.SimpleNamespace(shape=shape)
