@@ -296,8 +296,13 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also the GPU kernel time of the decode steps (a profiler trace) and "
                          "the kernels that take the most")
+    ap.add_argument("--code-step", choices=("integer", "float"), default="float",
+                    help="WINT2 experts on the Mosaic GPU kernel: the byte -> code step "
+                         "(pallas_kernels.kernel_mosaic.integer_codes; A/B timing)")
     args = ap.parse_args(argv)
+    from pallas_kernels import kernel_mosaic
 
+    kernel_mosaic.INTEGER_CODES = args.code_step == "integer"
     cfg = PRESETS[args.model]()
     ints = lambda s: tuple(int(v) for v in s.split(",") if v)  # noqa: E731
     t_start = time.perf_counter()
@@ -313,7 +318,7 @@ def main(argv=None) -> None:
         rows += transformers_peer(cfg, prompt=128, new_tokens=64)
     meta = {"model": args.model, "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-            "kernels": args.kernels}
+            "kernels": args.kernels, "code_step": args.code_step}
     lines = [json.dumps({**meta, **dataclasses.asdict(r)}) for r in rows]
     print("\n".join(lines))
     if args.json:

@@ -624,14 +624,23 @@ def main(argv=None) -> int:
     p.add_argument("--int-decode", choices=("ptx", "jnp"), default="ptx",
                    help="WINT8 bytes -> fp32 in the GEMV-style 'fma' kernel (A/B timing; ptx "
                         "is the default)")
+    p.add_argument("--code-step", choices=("integer", "float"), default="float",
+                   help="the Mosaic WINT2 kernel's byte -> code step (A/B timing; integer where a"
+                        " warp's columns have one, kernel_mosaic.integer_codes)")
+    p.add_argument("--dyadic-codes", action="store_true",
+                   help="WINT2 weights with coarse dyadic code_scale / code_zp "
+                        "(shapes.dyadic_codes: every column has an integer code step)")
     p.add_argument("--out", default=None, help="JSON lines file")
     a = p.parse_args(argv)
+    kernel_mosaic.INTEGER_CODES = a.code_step == "integer"
+    shapes.DYADIC_CODES = a.dyadic_codes
     codecs.WINT2_PTX_DECODE = a.wint2_decode == "ptx"
     codecs.INT_PTX_DECODE = a.int_decode == "ptx"
     tokens = [int(t) for t in a.tokens.split(",")]
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
                 wint2_decode=a.wint2_decode, int_decode=a.int_decode,
+                code_step=a.code_step, dyadic_codes=a.dyadic_codes,
                 command="python -m pallas_kernels.bench " + " ".join(argv or sys.argv[1:]))
     ceil = ceilings()
     meta.update(ceil)

@@ -62,7 +62,15 @@ def main(argv=None) -> None:
     p.add_argument("--fused-ffn", action="store_true",
                    help="mosaic, --proj ffn: the FFN as one op, as the model runs it "
                         "(expert_ffn_fragments; default: two grouped calls)")
+    p.add_argument("--code-step", choices=("integer", "float"), default="float",
+                   help="mosaic: the byte -> code step (integer where a warp's columns have one,"
+                        " kernel_mosaic.integer_codes; or the float step everywhere)")
+    p.add_argument("--dyadic-codes", action="store_true",
+                   help="coarse dyadic code_scale / code_zp (shapes.dyadic_codes): every column"
+                        " has an integer step; default arbitrary fp32 (~2 %% have none)")
     a = p.parse_args(argv)
+    kernel_mosaic.INTEGER_CODES = a.code_step == "integer"
+    shapes.DYADIC_CODES = a.dyadic_codes
     cfg = None
     if a.config:
         bm, bn, bk, nw, mode, split = a.config.split(",")
@@ -90,7 +98,8 @@ def main(argv=None) -> None:
         f = jax.jit(lambda x, w, gs: kernels.quant_grouped_matmul(
             x, w, gs, interpret=jax.default_backend() != "gpu", fmt="wint2", activation=act,
             config=cfg))
-    what = (f"mosaic {mcfg} prologue={a.prologue or 'pallas'} pieces={a.operand_pieces}"
+    what = (f"mosaic {mcfg} prologue={a.prologue or 'pallas'} pieces={a.operand_pieces} "
+            f"code_step={a.code_step} dyadic={a.dyadic_codes}"
             if a.kernel == "mosaic"
             else cfg or "tuned config")
     _time(a, f, (x, w, gs), what)
@@ -110,7 +119,8 @@ def _ffn(a, s, cfg) -> None:
                 x, wu, wd, gs, row_scale=rw, prologue=a.prologue,
                 fuse=None if a.fused_ffn else False, operand_pieces=a.operand_pieces)
         what = (f"mosaic tuned configs {'one op' if a.fused_ffn else 'two calls'} "
-                f"prologue={a.prologue or 'pallas'} pieces={a.operand_pieces}")
+                f"prologue={a.prologue or 'pallas'} pieces={a.operand_pieces} "
+                f"code_step={a.code_step} dyadic={a.dyadic_codes}")
     else:
         kw = dict(interpret=jax.default_backend() != "gpu", fmt="wint2", config=cfg)
 

@@ -194,28 +194,48 @@ fma.rn.f32 m, m, $2, $3;
 add.rm.f32 $0, m, 0f4B000000;
 }}"""
 
-_PLANES_ASM = """{
-.reg .b32 c, w, msk, mgh;
-mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
-prmt.b32 c, $4, $5, 0x5410;
-shr.b32 w, c, 9; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $0, w, $6, $7;
-shr.b32 w, c, 6; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $1, w, $6, $7;
-shr.b32 w, c, 3; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $2, w, $6, $7;
-lop3.b32 w, c, msk, mgh, 0xEA; fma.rn.bf16x2 $3, w, $6, $7;
+# The integer code step (``icodes``): per column ``A, B`` with ``code = (u A + B) >> 16`` for
+# every byte u (``wint2.affine_codes``): the byte zero-extended, one 32-bit multiply-add, the code
+# in the high half. 2 instructions a byte instead of 4 (results/NOTES.md §59, §60).
+_ICODE_ASM = """{{
+.reg .b32 u, z;
+mov.b32 z, 0;
+prmt.b32 u, $1, z, 0x444{byte};
+mad.lo.u32 $0, u, $2, $3;
+}}"""
+
+# Two codes, one register: the float step leaves each code in its low half, the integer step in
+# its high half.
+_PAIR_ASM = {False: "prmt.b32 $0, $1, $2, 0x5410;", True: "prmt.b32 $0, $1, $2, 0x7632;"}
+
+# A warp's columns all have an exact integer step (A != 0 marks one), else the warp takes the
+# float step: ``$0 = A0`` if every lane's two columns have one, else 0 (warp-uniform).
+_ICODE_WARP_ASM = """{
+.reg .pred p, q;
+setp.ne.s32 p, $1, 0;
+setp.ne.and.s32 p, $2, 0, p;
+vote.sync.all.pred q, p, 0xffffffff;
+selp.b32 $0, $1, 0, q;
 }"""
 
-_PAIR_ASM = "prmt.b32 $0, $1, $2, 0x5410;"
+_PLANES_ASM = """{
+.reg .b32 w, msk, mgh;
+mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
+shr.b32 w, $4, 9; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $0, w, $5, $6;
+shr.b32 w, $4, 6; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $1, w, $5, $6;
+shr.b32 w, $4, 3; lop3.b32 w, w, msk, mgh, 0xEA; fma.rn.bf16x2 $2, w, $5, $6;
+lop3.b32 w, $4, msk, mgh, 0xEA; fma.rn.bf16x2 $3, w, $5, $6;
+}"""
 
 # The planes without the group scale: bf16 128 + w (the mma.sync path scales each group's fp32
 # partial sums instead).
 _RAW_PLANES_ASM = """{
-.reg .b32 c, w, msk, mgh;
+.reg .b32 w, msk, mgh;
 mov.b32 msk, 0x003F003F; mov.b32 mgh, 0x43004300;
-prmt.b32 c, $4, $5, 0x5410;
-shr.b32 w, c, 9; lop3.b32 $0, w, msk, mgh, 0xEA;
-shr.b32 w, c, 6; lop3.b32 $1, w, msk, mgh, 0xEA;
-shr.b32 w, c, 3; lop3.b32 $2, w, msk, mgh, 0xEA;
-lop3.b32 $3, c, msk, mgh, 0xEA;
+shr.b32 w, $4, 9; lop3.b32 $0, w, msk, mgh, 0xEA;
+shr.b32 w, $4, 6; lop3.b32 $1, w, msk, mgh, 0xEA;
+shr.b32 w, $4, 3; lop3.b32 $2, w, msk, mgh, 0xEA;
+lop3.b32 $3, $4, msk, mgh, 0xEA;
 }"""
 
 # fp16 planes (mma.sync path, ``planes="fp16"``): under fp16's 0x6400 (1024, ulp 1) the 10-bit
@@ -224,14 +244,13 @@ lop3.b32 $3, c, msk, mgh, 0xEA;
 _F16_PLANES = ((6, 0x01F801F8), (6, 0x003F003F), (0, 0x01F801F8), (0, 0x003F003F))  # shift, mask
 _F16_X_SCALE = (0.125, 1.0, 0.125, 1.0)  # x's columns of planes 0..3
 _RAW_PLANES_F16_ASM = """{
-.reg .b32 c, w, m1, m8, mg;
+.reg .b32 w, m1, m8, mg;
 mov.b32 m1, 0x003F003F; mov.b32 m8, 0x01F801F8; mov.b32 mg, 0x64006400;
-prmt.b32 c, $4, $5, 0x5410;
-shr.b32 w, c, 6;
+shr.b32 w, $4, 6;
 lop3.b32 $0, w, m8, mg, 0xEA;
 lop3.b32 $1, w, m1, mg, 0xEA;
-lop3.b32 $2, c, m8, mg, 0xEA;
-lop3.b32 $3, c, m1, mg, 0xEA;
+lop3.b32 $2, $4, m8, mg, 0xEA;
+lop3.b32 $3, $4, m1, mg, 0xEA;
 }"""
 
 # One plane without the group scale: ``(w >> shift) & mask | magic`` (bf16: mask 0x003F003F under
@@ -305,14 +324,59 @@ def _scale_word(s_smem, tid):
                           dynamic_position=[], static_position=[0])
 
 
-def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool = False,
-                 fp16: bool = False):
+def _code_pairs(words, consts, iconsts):
+    """Inside ``inline_mgpu``: the 16 code pairs (i32) of a thread's 8 byte words, word-major.
+
+    ``iconsts`` (the integer step's ``A0, A1, B0, B1``, :func:`_iconsts_regs`) or None: the
+    float step only. With it, a warp whose columns all have an exact integer step
+    (:func:`_iconsts_regs` zeroed ``A0`` otherwise) takes it, the others the float step: one
+    warp-uniform branch a K step.
+    """
+    ir, arith, gpu, llvm, memref, vector, *_ = _mgpu()
+    from jax._src.lib.mlir.dialects import scf
+
+    i32 = ir.IntegerType.get_signless(32)
+
+    def regs(arr):
+        [v] = arr.registers.flat  # vector<4xf32>
+        return [vector.extract(v, dynamic_position=[], static_position=[i]) for i in range(4)]
+
+    def pairs(integer: bool):
+        c = regs(iconsts if integer else consts)
+        if integer:
+            c = [arith.bitcast(i32, v) for v in c]
+        text, cons = (_ICODE_ASM, "=r,r,r,r") if integer else (_CODE_ASM, "=r,r,f,f")
+        out = []
+        for w in words:
+            codes = [_asm(llvm, ir, text.format(byte=b), cons, [w, c[b // 2], c[2 + b // 2]],
+                          1)[0] for b in range(4)]
+            out += [_asm(llvm, ir, _PAIR_ASM[integer], "=r,r,r", codes[2 * i:2 * i + 2], 1)[0]
+                    for i in range(2)]
+        return out
+
+    if iconsts is None:
+        return pairs(False)
+    a0 = arith.bitcast(i32, regs(iconsts)[0])
+    import inspect  # the keyword was renamed across MLIR's Python bindings
+
+    has_else = "has_else" if "has_else" in inspect.signature(scf.IfOp).parameters else "hasElse"
+    branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ne, a0, arith.constant(i32, 0)),
+                      [i32] * 2 * len(words), **{has_else: True})
+    for block, integer in ((branch.then_block, True), (branch.else_block, False)):
+        with ir.InsertionPoint(block):
+            scf.YieldOp(pairs(integer))
+    return list(branch.results)
+
+
+def _decode_step(q_smem, s_smem, consts, iconsts=None, *, pairs_only: bool = False,
+                 raw: bool = False, fp16: bool = False):
     """Inside ``inline_mgpu``: one K step's 4 planes ``[64, 64]`` bf16 in the WGMMA layout.
 
     ``pairs_only``: instead, the code pairs and the nibble factors (three ``[64, 64]`` arrays in
     the same layout, bf16 bit patterns) from which :func:`_plane` cuts each plane. ``raw``:
     planes of ``128 + w`` without the group scale (``s_smem`` unused), or only the pairs;
     ``fp16`` (with ``raw``): fp16 planes ``1024 + w`` / ``1024 + 8 w`` (``_F16_PLANES``).
+    ``iconsts``: the integer code step where a warp's columns have it (:func:`_code_pairs`).
     """
     ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
     i32 = ir.IntegerType.get_signless(32)
@@ -324,11 +388,6 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool 
     def idx(v):
         return arith.index_cast(index, v)
 
-    # consts: a WG_STRIDED f32 [512] array, thread t holding (cs0, cs1, zp0, zp1) (rows +0, +8).
-    [cz] = consts.registers.flat  # vector<4xf32>
-    cs = [vector.extract(cz, dynamic_position=[], static_position=[i]) for i in (0, 1)]
-    zp = [vector.extract(cz, dynamic_position=[], static_position=[i]) for i in (2, 3)]
-
     nib = {}  # (i, group q) -> (nib2, k2)
     sword = None if raw else _scale_word(s_smem, tid)
     for i in range(0 if raw else 2):
@@ -338,34 +397,31 @@ def _decode_step(q_smem, s_smem, consts, *, pairs_only: bool = False, raw: bool 
             nib[(i, 2 * srow)] = (hi2, hik)
             nib[(i, 2 * srow + 1)] = (lo2, lok)
 
-    regs = [np.empty((1, 8, 1, 1, 2, 1, 1, 1, 1), dtype=object) for _ in range(4)]
+    words = []  # word j = 4 * half + word: byte columns 8j.. of rows (r, r + 8)
     for half in range(2):
         row = arith.addi(mu.c(8 * half, i32), arith.divui(tid, mu.c(16, i32)))
         col = arith.muli(arith.remui(tid, mu.c(16, i32)), mu.c(16, i32))
         v = vector.load(ir.VectorType.get((16,), i8), q_smem, [idx(row), idx(col)])
-        words = vector.bitcast(ir.VectorType.get((4,), i32), v)
-        for word in range(4):
-            j = 4 * half + word
-            w = vector.extract(words, dynamic_position=[], static_position=[word])
-            codes = [_asm(llvm, ir, _CODE_ASM.format(byte=b), "=r,r,f,f",
-                          [w, cs[b // 2], zp[b // 2]], 1)[0] for b in range(4)]
-            for i in range(2):
-                at = (0, j, 0, 0, i, 0, 0, 0, 0)
-                code_pair = [codes[2 * i], codes[2 * i + 1]]
-                nib_i = () if raw else nib[(i, j // 2)]  # (nib, -160 nib) of the group
-                if pairs_only:  # the planes are cut later, one at a time
-                    [pair] = _asm(llvm, ir, _PAIR_ASM, "=r,r,r", code_pair, 1)
-                    for r, v in zip(regs, (pair, *nib_i), strict=False):
-                        r[at] = mu.bitcast(v, bf16x2)
-                    continue
-                if raw:
-                    outs = _asm(llvm, ir, _RAW_PLANES_F16_ASM if fp16 else _RAW_PLANES_ASM,
-                                "=r,=r,=r,=r,r,r", code_pair, 4)
-                else:
-                    outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r,r",
-                                [*code_pair, *nib_i], 4)
-                for plane, o in enumerate(outs):
-                    regs[plane][at] = mu.bitcast(o, bf16x2)
+        vw = vector.bitcast(ir.VectorType.get((4,), i32), v)
+        words += [vector.extract(vw, dynamic_position=[], static_position=[k]) for k in range(4)]
+    code_pairs = _code_pairs(words, consts, iconsts)
+
+    regs = [np.empty((1, 8, 1, 1, 2, 1, 1, 1, 1), dtype=object) for _ in range(4)]
+    for j, i in itertools.product(range(8), range(2)):
+        at = (0, j, 0, 0, i, 0, 0, 0, 0)
+        pair = code_pairs[2 * j + i]
+        nib_i = () if raw else nib[(i, j // 2)]  # (nib, -160 nib) of the group
+        if pairs_only:  # the planes are cut later, one at a time
+            for r, v in zip(regs, (pair, *nib_i), strict=False):
+                r[at] = mu.bitcast(v, bf16x2)
+            continue
+        if raw:
+            outs = _asm(llvm, ir, _RAW_PLANES_F16_ASM if fp16 else _RAW_PLANES_ASM,
+                        "=r,=r,=r,=r,r", [pair], 4)
+        else:
+            outs = _asm(llvm, ir, _PLANES_ASM, "=r,=r,=r,=r,r,r,r", [pair, *nib_i], 4)
+        for plane, o in enumerate(outs):
+            regs[plane][at] = mu.bitcast(o, bf16x2)
     count = (1 if raw else 3) if pairs_only else 4
     return [fa.FragmentedArray(_registers=r, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
             for r in regs[:count]]
@@ -581,8 +637,29 @@ def _store_tile(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, bm: int,
                                  [arith.index_cast(index, m), arith.index_cast(index, n)])
 
 
+def _iconsts_regs(ca_ref, cb_ref):
+    """Inside ``inline_mgpu``: thread t's integer code step ``(A0, A1, B0, B1)`` of rows n, n + 8
+    (bit patterns in an f32 vector, like :func:`_consts_regs`), ``A0`` zeroed unless every
+    column of the thread's warp has an exact one (``A != 0``; ``_ICODE_WARP_ASM``)."""
+    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
+    i32 = ir.IntegerType.get_signless(32)
+    index = ir.IndexType.get()
+    _, _, r = _thread_rows()
+    rows = [r, arith.addi(r, mu.c(8, i32))]
+    a0, a1, b0, b1 = [memref.load(ref, [arith.index_cast(index, n)]) for ref in (ca_ref, cb_ref)
+                      for n in rows]
+    [a0] = _asm(llvm, ir, _ICODE_WARP_ASM, "=r,r,r", [a0, a1], 1)
+    f32 = ir.F32Type.get()
+    vec = vector.from_elements(ir.VectorType.get((4,), f32),
+                               [arith.bitcast(f32, v) for v in (a0, a1, b0, b1)])
+    layout = fa.WGStridedFragLayout((512,), 4)
+    return fa.FragmentedArray(_registers=np.array([vec], dtype=object), _layout=layout,
+                              _is_signed=None)
+
+
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
-                   config: MosaicConfig, m_out: int | None = None, row_inv=None, sums=None):
+                   config: MosaicConfig, m_out: int | None = None, row_inv=None, sums=None,
+                   icodes=None):
     """Run the Mosaic kernel on plane-permuted x (``bk = 256``) and fragment weights.
 
     ``tiles``: ``(group, row0, hi)`` int32 ``[T]`` (``kernels.expert_tiles``): tile t reads
@@ -599,6 +676,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     input.
     ``planes == "fp16"``: ``x_planes`` fp16 from :func:`fp16_row_scales` and
     :func:`fp16_plane_columns`, ``row_inv`` fp32 ``[m_out]`` the inverse row scales.
+    ``icodes``: ``(A, B)`` int32 ``[G, N]`` (:func:`integer_codes`): each warp (16 columns) whose
+    columns all have an exact integer code step takes it instead of the float one.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -637,6 +716,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     out_blocks = n_out // BLOCK_N
     halves = 2 if swiglu else 1
     has_rs = row_scale is not None
+    integer = icodes is not None
     f32 = jnp.float32
     consts_layout = plgpu.Layout.WG_STRIDED((512,), vec_size=4)
     plane_type = plgpu.ShapeDtypeStruct((64, 64), jnp.float16 if fp16 else jnp.bfloat16,
@@ -647,14 +727,20 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     def load_consts(_, cs_ref, zp_ref):
         return _consts_regs(cs_ref, zp_ref)
 
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()),
+                       return_type=plgpu.ShapeDtypeStruct((512,), f32, layout=consts_layout))
+    def load_iconsts(_, ca_ref, cb_ref):
+        return _iconsts_regs(ca_ref, cb_ref)
+
     def decode(*, pairs_only: bool, raw: bool):
         """A K step's planes (or code pairs [+ nibble factors]); ``raw``: without the nibble."""
         count = (1 if raw else 3) if pairs_only else 4
 
-        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), consts_layout),
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(),
+                                      *(consts_layout,) * (2 if integer else 1)),
                            return_type=[plane_type] * count)
-        def dec(_, q_ref, s_ref, consts):
-            return _decode_step(q_ref, s_ref, consts, pairs_only=pairs_only, raw=raw,
+        def dec(_, q_ref, s_ref, *consts):
+            return _decode_step(q_ref, s_ref, *consts, pairs_only=pairs_only, raw=raw,
                                 fp16=fp16)
         return dec
 
@@ -712,6 +798,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         inv_ref = rest.pop() if fp16 else None
         xg_ref = rest.pop() if mma == "sync" else None
         rs_ref = rest.pop() if has_rs else None
+        ca_ref, cb_ref = rest if integer else (None, None)
         jn = jax.lax.axis_index("n")
         t = jax.lax.axis_index("t")
         k0 = jax.lax.axis_index("s") * psteps if split else 0  # in pipeline steps
@@ -736,8 +823,12 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
 
         @pl.when((hi > row0) & (g < num_groups))
         def _compute():
-            consts = [load_consts(cs_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)],
-                                  zp_ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]) for nb in nbs]
+            def cols(ref, nb):
+                return ref.at[g, pl.ds(nb * BLOCK_N, BLOCK_N)]
+
+            consts = [(load_consts(cols(cs_ref, nb), cols(zp_ref, nb)),
+                       *((load_iconsts(cols(ca_ref, nb), cols(cb_ref, nb)),) if integer else ()))
+                      for nb in nbs]
 
             def planes_of(h, w_smem, consts_h, sub, *, raw=False):
                 """Plane ``p`` of accumulator ``h``'s weights for K step ``sub`` of this
@@ -745,9 +836,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                 a time under "one"); ``raw``: ``128 + w``, the group scale left to the caller."""
                 q_s, s_s = w_smem[2 * h].at[0, 0, sub], w_smem[2 * h + 1].at[0, 0, sub]
                 if schedule in ("all", "half"):
-                    yield from decode(pairs_only=False, raw=raw)(q_s, s_s, consts_h)
+                    yield from decode(pairs_only=False, raw=raw)(q_s, s_s, *consts_h)
                     return
-                pairs = decode(pairs_only=True, raw=raw)(q_s, s_s, consts_h)
+                pairs = decode(pairs_only=True, raw=raw)(q_s, s_s, *consts_h)
                 for shift in _SHIFTS:
                     yield cut_plane(shift, raw=raw)(*pairs)
 
@@ -821,7 +912,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
         grid_names=("s", "t", "n") if split else ("t", "n"),
         compiler_params=plgpu.CompilerParams(),
     )
-    args = (grp, row0_t, hi_t, x_planes, qwf, wsf, ss, cs, zp,
+    args = (grp, row0_t, hi_t, x_planes, qwf, wsf, ss, cs, zp, *(icodes or ()),
             *((row_scale,) if has_rs else ()), *((sums,) if mma == "sync" else ()),
             *((row_inv,) if fp16 else ()))
     return kernel(*args)
@@ -972,11 +1063,40 @@ def supports(w: dict) -> bool:
     return (4 * shape[-2]) % BLOCK_K == 0 and shape[-1] % BLOCK_N == 0
 
 
-def to_fragments(w: dict, *, in_place: bool = False) -> dict:
+INTEGER_CODE_LEAVES = ("code_a", "code_b")
+INTEGER_CODES = False
+""":func:`to_fragments`' default for ``integer`` (the benchmarks' ``--code-step`` flag). Off:
+the kernel gains 4-8 % with it (300B FFN, H100, ``results/NOTES.md`` §60), but the 21B's decode
+steps took 160 ms of host time each with it on (GPU kernel time unchanged), not yet explained."""
+
+
+def integer_codes(w: dict) -> dict:
+    """``w`` with the integer code step's leaves: ``code_a``, ``code_b`` int32, shaped and
+    placed like ``code_scale``, with ``code(u) == (u * code_a + code_b) >> 16`` (mod 2^32) for
+    every byte u of a column that has such a pair (:func:`wint2.affine_codes`: every column of
+    our encoder's output, 1023 of the 1024 golden ones, 99.98 % of random fp32 ``code_scale`` in
+    100..125 as the benchmarks draw them, 98 % of cs in 32..120 with zp below 4000) and
+    ``code_a == 0`` for a column that has none. The kernel takes the integer step in each warp
+    (16 columns) whose columns all have one, the float step in the others, so the result is
+    the format's decode either way. Fitted on the host (NumPy, in threads).
+    """
+    from .wint2 import affine_codes
+
+    cs = w["code_scale"]
+    a, b, exact = affine_codes(np.asarray(cs), np.asarray(w["code_zp"]))
+    a = np.where(exact, a, 0)
+    place = ((lambda v: jax.device_put(v, cs.sharding)) if isinstance(cs, jax.Array)
+             else jnp.asarray)
+    return {**w, "code_a": place(a), "code_b": place(b)}
+
+
+def to_fragments(w: dict, *, in_place: bool = False, integer: bool | None = None) -> dict:
     """A WINT2 ``<linear>`` (``[E, ...]`` or ``[L, E, ...]`` leaves) in fragment byte order.
 
     Same leaves, shapes and dtypes: ``quant_weight`` and ``weight_scale`` hold the same bytes
-    permuted (:func:`fragment_weights`, :func:`fragment_scales`). ``in_place``: a layer stack is
+    permuted (:func:`fragment_weights`, :func:`fragment_scales`); with ``integer``, also the
+    integer code step's leaves (:func:`integer_codes`; default ``INTEGER_CODES``). ``in_place``:
+    a layer stack is
     re-ordered one layer at a time inside its own (donated) buffer, so the caller's arrays of
     those two leaves are consumed; the peak is one layer more instead of a second stack. Arrays
     sharded over a mesh (tensor parallelism) are re-ordered shard by shard: each device's block
@@ -985,11 +1105,14 @@ def to_fragments(w: dict, *, in_place: bool = False) -> dict:
     """
     shape = local_shape(w["quant_weight"])
     _check_dims(4 * shape[-2], shape[-1])
+    if (INTEGER_CODES if integer is None else integer) and "code_a" not in w:
+        w = integer_codes(w)
     return _reorder(w, {"quant_weight": _frag_q, "weight_scale": _frag_s}, in_place=in_place)
 
 
 def from_fragments(w: dict) -> dict:
     """Inverse of :func:`to_fragments` (the reference path; a copy)."""
+    w = {leaf: a for leaf, a in w.items() if leaf not in INTEGER_CODE_LEAVES}
     return _reorder(w, {"quant_weight": _unfrag_q, "weight_scale": _unfrag_s}, in_place=False)
 
 
@@ -1182,9 +1305,12 @@ def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, la
                           pieces=_fit_pieces(operand_pieces, k // BLOCK_K),
                           swiglu_partials=swiglu_partials)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
+    icodes = None
+    if "code_a" in w:  # the integer code step (integer_codes), [L, E, N] -> [L*E, N]
+        icodes = tuple(w[leaf].reshape(-1, n) for leaf in ("code_a", "code_b"))
     out = grouped_matmul(ops.x_planes, qwf, wsf, ss, cs, zp, ops.tiles, rs, activation=activation,
                          out_dtype=out_dtype, config=cfg, m_out=m, row_inv=ops.row_inv,
-                         sums=ops.sums)
+                         sums=ops.sums, icodes=icodes)
     if cfg.split_k > 1 and not keep_partials:  # [split, M, N] fp32 partial sums: add, epilogue
         out = apply_epilogue(out.sum(0), activation, rs).astype(out_dtype)
     return out

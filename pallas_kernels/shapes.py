@@ -98,6 +98,10 @@ def group_sizes(expert_ids: np.ndarray, experts: int) -> np.ndarray:
     return np.bincount(expert_ids.ravel(), minlength=experts).astype(np.int32)
 
 
+DYADIC_CODES = False
+""":func:`random_linear` makes WINT2 codes coarse dyadic (:func:`dyadic_codes`; a bench flag)."""
+
+
 def random_linear(key: jax.Array, fmt: str, k: int, n: int,
                   experts: int | None = None) -> dict[str, jax.Array]:
     """Random runtime-layout ``<linear>`` leaves (``jaxwint2/layout.py``) of ``fmt``, on device.
@@ -126,11 +130,22 @@ def random_linear(key: jax.Array, fmt: str, k: int, n: int,
         zp = u(k3, (*e, n)) * (32767.0 - 255.0 * cs)
         ss = (u(k4, (*e, n), minval=0.5, maxval=1.5) / (32 * 8 * np.sqrt(k) / 2))
         k5, k6 = jax.random.split(k1)
-        return {"quant_weight": jax.random.bits(k5, (*e, k // 4, n), jnp.uint8),
-                "weight_scale": jax.random.bits(k6, (*e, -(-k // 128), n), jnp.uint8),
-                "super_scales": ss.astype(jnp.bfloat16).astype(jnp.float32),
-                "code_scale": cs, "code_zp": zp}
+        w = {"quant_weight": jax.random.bits(k5, (*e, k // 4, n), jnp.uint8),
+             "weight_scale": jax.random.bits(k6, (*e, -(-k // 128), n), jnp.uint8),
+             "super_scales": ss.astype(jnp.bfloat16).astype(jnp.float32),
+             "code_scale": cs, "code_zp": zp}
+        return dyadic_codes(w) if DYADIC_CODES else w
     raise ValueError(f"unknown format {fmt!r}")
+
+
+def dyadic_codes(w: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """A WINT2 ``w`` whose ``code_scale`` / ``code_zp`` are rounded to coarse dyadic values (cs
+    a multiple of 1/64, zp 1/128 modulo 1/64, as our encoder writes them): every column then
+    has an exact integer code step (``wint2.affine_codes``), where ~2 % of arbitrary ones do
+    not. For benchmarking that step on all columns."""
+    cs = jnp.floor(w["code_scale"] * 64) / 64
+    zp = jnp.floor(w["code_zp"] * 64) / 64 + 1 / 128
+    return {**w, "code_scale": cs, "code_zp": zp}
 
 
 def packed_bytes(fmt: str, k: int, n: int) -> int:

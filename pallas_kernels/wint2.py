@@ -34,6 +34,8 @@ Two implementations of the byte -> code step live here:
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Literal
 
 import jax
@@ -83,7 +85,8 @@ def wint2_codes_exact(u: np.ndarray, code_scale: np.ndarray, code_zp: np.ndarray
     s = prod + zp
     bb = s - prod
     err = (prod - (s - bb)) + (zp - bb)  # TwoSum: prod + zp == s + err exactly
-    f = _round_f64_to_f32_exact(s, err)
+    # err == 0 everywhere (the usual case): s is the exact value, and NumPy's cast rounds it once
+    f = _round_f64_to_f32_exact(s, err) if err.any() else s.astype(np.float32)
     return np.floor(f + np.float32(0.5)).astype(np.int32)
 
 
@@ -202,3 +205,89 @@ def dequantize_wint2(quant_weight, weight_scale, super_scales, code_scale, code_
     w = decode_from_codes(jnp.asarray(codes), jnp.asarray(np.asarray(weight_scale)),
                           jnp.asarray(ss.astype(np.float32)), k)
     return shuffle_k(w) if k_order == "shuffled" else w
+
+
+# --------------------------------------------------------------------------------------------
+# byte -> code as one integer multiply-add (the Mosaic kernel's cheaper code step)
+# --------------------------------------------------------------------------------------------
+
+AFFINE_SHIFT = 16
+"""The integer code step ``code = (u * A + B) >> 16`` (mod 2^32: one 32-bit ``mad.lo``)."""
+_AFFINE_TRIES = (0, -1, 1, -2, 2, -3, 3, -4, 4, -6, 6, -8, 8, -12, 12, -16, 16)
+
+
+def affine_codes(code_scale, code_zp, *, chunk: int = 4096) -> tuple[np.ndarray, ...]:
+    """Per column, integers ``(A, B)`` with ``(u * A + B) >> 16 == code(u)`` for every byte u.
+
+    ``code(u)`` is the format's fused ``floor(fma(u, cs, zp) + 0.5)`` (:func:`wint2_codes_exact`).
+    A column's 256 codes admit such a pair when the code is floor-affine in u at the 2^-16
+    resolution: ``A`` near ``cs * 2^16``, ``B`` between the 256 lower bounds ``code(u) * 2^16 -
+    u A`` and upper bounds ``(code(u) + 1) * 2^16 - 1 - u A``. Almost every column has one
+    (every column of our encoder's output, 1023 of the 1024 golden columns: ``results/NOTES.md``
+    §59, §60); a column whose fp32 rounding makes the codes non-affine has none, and ``exact``
+    says so (its ``A, B`` are then 0 and must not be used).
+
+    Returns:
+      ``(A, B, exact)``: int32 (two's complement of the value mod 2^32), int32, bool, each shaped
+      like ``code_scale``.
+    """
+    cs = np.asarray(code_scale, np.float32)
+    zp = np.asarray(code_zp, np.float32)
+    if cs.shape != zp.shape:
+        raise ValueError(f"code_scale {cs.shape} and code_zp {zp.shape} differ in shape")
+    flat_cs, flat_zp = cs.reshape(-1), zp.reshape(-1)
+    a = np.zeros(flat_cs.shape, np.int64)
+    b = np.zeros(flat_cs.shape, np.int64)
+    exact = np.zeros(flat_cs.shape, bool)
+
+    # Coarse dyadic columns (our encoder's, the synthetic benchmarks'): u * cs + zp is exact in
+    # fp32, so the line itself is exact, with no 256-code search.
+    cs64, zp64 = flat_cs.astype(np.float64), flat_zp.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        coarse = ((cs64 * 128 == np.rint(cs64 * 128)) & (zp64 * 128 == np.rint(zp64 * 128))
+                  & (255 * np.abs(cs64) + np.abs(zp64) < 2**16))
+        ends = np.floor(np.stack([zp64, 255 * cs64 + zp64]) + 0.5)
+    coarse &= ((ends >= 0) & (ends < 1 << 15)).all(0) & (cs64 != 0)
+    a[coarse] = cs64[coarse] * (1 << AFFINE_SHIFT)
+    b[coarse] = (zp64[coarse] + 0.5) * (1 << AFFINE_SHIFT)
+    exact[coarse] = True
+    rest = np.flatnonzero(~coarse)
+
+    def fit(lo: int) -> None:  # columns rest[lo: lo + chunk]: NumPy drops the GIL
+        cols = rest[lo:lo + chunk]
+        a[cols], b[cols], exact[cols] = _fit_affine(flat_cs[cols], flat_zp[cols])
+
+    starts = range(0, rest.size, chunk)
+    workers = min(len(starts), os.cpu_count() or 1)
+    if workers > 1:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fit, starts))
+    else:
+        for lo in starts:
+            fit(lo)
+    as_i32 = lambda v: ((v + 2**31) % 2**32 - 2**31).astype(np.int32)  # noqa: E731
+    return as_i32(a).reshape(cs.shape), as_i32(b).reshape(cs.shape), exact.reshape(cs.shape)
+
+
+def _fit_affine(cs: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`affine_codes` of one chunk of columns: int64 ``A, B`` and ``exact``."""
+    u = np.arange(256, dtype=np.int64)[:, None]
+    codes = wint2_codes_exact(u, cs[None], zp[None]).astype(np.int64)
+    valid = ((codes >= 0) & (codes < 1 << 15)).all(0)  # 15-bit codes: below bit 31
+    lower = codes << AFFINE_SHIFT
+    upper = lower + ((1 << AFFINE_SHIFT) - 1)
+    with np.errstate(invalid="ignore"):
+        a0 = np.rint(cs.astype(np.float64) * (1 << AFFINE_SHIFT))
+    a0 = np.where(np.isfinite(a0) & (np.abs(a0) < 2**31), a0, 0).astype(np.int64)
+    todo = valid.copy()
+    a, b, exact = np.zeros_like(a0), np.zeros_like(a0), np.zeros_like(valid)
+    for d in _AFFINE_TRIES:
+        if not todo.any():
+            break
+        idx = np.flatnonzero(todo)
+        slope = a0[idx] + d
+        b_lo = (lower[:, idx] - u * slope).max(0)
+        hit = (b_lo <= (upper[:, idx] - u * slope).min(0)) & (slope != 0)
+        a[idx[hit]], b[idx[hit]], exact[idx[hit]] = slope[hit], b_lo[hit], True
+        todo[idx[hit]] = False
+    return a, b, exact

@@ -147,3 +147,65 @@ def test_shuffled_k_order_is_the_documented_permutation():
     np.testing.assert_array_equal(shf, expect)
     np.testing.assert_array_equal(nat[pk.shuffled_k_index(k)], shf)
     np.testing.assert_array_equal(pk.unshuffle_k(shf, axis=0), nat)
+
+
+def _affine_codes_ok(a, b, cs, zp):
+    """Which columns' ``(u * A + B) >> 16`` (mod 2^32, as ``mad.lo.u32`` computes it) equals
+    the fused decode's code for all 256 bytes, from the scalar spec (Python floats + one fp32
+    rounding of the exact product-sum, ``fractions``-free: u * cs + zp is exact in float64)."""
+    u = np.arange(256, dtype=np.int64)[:, None]
+    want = wint2.wint2_codes_exact(u, cs.reshape(1, -1), zp.reshape(1, -1)).astype(np.int64)
+    got = ((u * a.reshape(1, -1).astype(np.int64) + b.reshape(1, -1)) % 2**32) >> 16
+    # the kernel's pair step: prmt(c_a, c_b, 0x7632) keeps the high halves, windows read bits 0..14
+    return (got == want).all(0)
+
+
+def test_affine_codes_reproduce_the_fused_decode_on_the_golden_columns(golden):
+    """The integer code step (``(u A + B) >> 16``, results/NOTES.md §59): every golden column it
+    claims is exact; all of the dyadic half and all but one of the arbitrary half have one."""
+    claimed = total = 0
+    for case in CASES:
+        cs, zp = golden[f"{case}/code_scale"], golden[f"{case}/code_zp"]
+        a, b, exact = wint2.affine_codes(cs, zp)
+        assert a.dtype == b.dtype == np.int32 and a.shape == cs.shape
+        assert _affine_codes_ok(a, b, cs, zp)[exact.reshape(-1)].all(), case
+        claimed += int(exact.sum())
+        total += exact.size
+    assert (claimed, total) == (1023, 1024)
+
+
+def test_affine_codes_on_arbitrary_and_dyadic_columns():
+    rng = np.random.default_rng(0)
+    cs = rng.uniform(100, 125, 6000).astype(np.float32)
+    zp = (rng.uniform(0, 1, 6000) * (32767 - 255 * cs)).astype(np.float32)
+    a, b, exact = wint2.affine_codes(cs, zp, chunk=1000)
+    assert _affine_codes_ok(a, b, cs, zp)[exact].all()
+    assert 0.95 < exact.mean() < 1  # ~2 % of arbitrary fp32 columns are not floor-affine
+    # a column flagged inexact has codes that no nearby slope fits (a wider search agrees)
+    bad = np.flatnonzero(~exact)[:5]
+    for d in range(-64, 65):
+        slope = np.rint(cs[bad].astype(np.float64) * 65536).astype(np.int64) + d
+        u = np.arange(256, dtype=np.int64)[:, None]
+        codes = wint2.wint2_codes_exact(u, cs[None, bad], zp[None, bad]).astype(np.int64)
+        lo = ((codes << 16) - u * slope).max(0)
+        hi = (((codes + 1) << 16) - 1 - u * slope).min(0)
+        assert (lo > hi).all()
+    # coarse dyadic columns (the closed form, no search), some with code 0 at u = 0
+    cs2 = np.floor(cs * 64) / 64
+    zp2 = np.floor(zp * 64) / 64 + 1 / 128
+    zp2[:10] = -0.5 + 1 / 128
+    cs2, zp2 = cs2.astype(np.float32), zp2.astype(np.float32)
+    a2, b2, exact2 = wint2.affine_codes(cs2, zp2)
+    assert exact2.all() and (a2 != 0).all()
+    assert _affine_codes_ok(a2, b2, cs2, zp2).all()
+    with pytest.raises(ValueError, match="code_scale"):
+        wint2.affine_codes(cs, zp[:10])
+
+
+def test_affine_codes_refuse_codes_outside_15_bits():
+    cs = np.float32([120.0, 120.0, 0.0])
+    zp = np.float32([32767.0 - 255 * 120 + 1, -2.0, 5.0])  # code 32768 at u=255; code < 0; flat
+    a, b, exact = wint2.affine_codes(cs, zp)
+    assert exact.tolist() == [False, False, True]
+    assert a[2] != 0  # A == 0 marks "none" for the kernel: a flat column gets another slope
+    assert _affine_codes_ok(a, b, cs, zp)[2]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import config, kernel_mosaic, reference, shapes
+from pallas_kernels import config, kernel_mosaic, reference, shapes, wint2
 from pallas_kernels.checks import _exact_oracle, _poison, skewed_group_sizes
 from pallas_kernels.config import MosaicConfig
 from pallas_kernels.numerics import assert_close
@@ -126,7 +126,7 @@ def test_fp16_planes_algebra_recovers_x_at_q():
         line = next(ln for ln in text.splitlines() if ln.startswith(f"lop3.b32 ${t},"))
         src, msk = line.split(",")[1].strip(), line.split(",")[2].strip()
         assert (src == "w") == (shift == 6) and masks[msk] == mask, line
-    assert "shr.b32 w, c, 6;" in text
+    assert "shr.b32 w, $4, 6;" in text  # $4: the code pair
 
 
 def _plane_ordered(x, k_order="natural"):
@@ -328,7 +328,8 @@ def test_kernel_lowers_for_cuda_on_any_host(case, monkeypatch):
     sd = jax.ShapeDtypeStruct
     w = {"quant_weight": sd((*lead, c.k // 4, c.n), jnp.uint8),
          "weight_scale": sd((*lead, c.k // 128, c.n), jnp.uint8),
-         **{f: sd((*lead, c.n), jnp.float32) for f in ("super_scales", "code_scale", "code_zp")}}
+         **{f: sd((*lead, c.n), jnp.float32) for f in ("super_scales", "code_scale", "code_zp")},
+         **{f: sd((*lead, c.n), jnp.int32) for f in kernel_mosaic.INTEGER_CODE_LEAVES}}
 
     def f(x, w, gs, r):
         return kernel_mosaic.grouped_matmul_fragments(
@@ -407,13 +408,24 @@ def test_fp16_planes_take_x_computed_in_the_same_jit():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_SM90, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("code_step", ["integer", "float"])
 @pytest.mark.parametrize("mma", ["wgmma", "sync", "sync-fp16"])
-def test_kernel_decode_is_exact_through_one_hot_rows(mma):
+def test_kernel_decode_is_exact_through_one_hot_rows(mma, code_step):
     """x = I reads back the weights. wgmma: bf16(bf16(q * nib) * super_scale), the documented
     rounding of the nibble folded into the bf16 weight; mma.sync (each scale group's partial
-    sums scaled in fp32): the format's own bf16(q * nib * super_scale), one rounding."""
+    sums scaled in fp32): the format's own bf16(q * nib * super_scale), one rounding. The
+    integer code step runs in the warps whose 16 columns all have one, the float step in the
+    others: this data has both kinds."""
     k, n = 512, 256
     w = _rand_linear(k, n, 1, seed=7)
+    if code_step == "integer":  # column 37 (warp 2): the golden file's one non-affine column
+        cs = np.asarray(w["code_scale"]).copy()
+        zp = np.asarray(w["code_zp"]).copy()
+        cs[0, 37], zp[0, 37] = np.uint32([1122399026, 1161729537]).view(np.float32)
+        w = kernel_mosaic.integer_codes({**w, "code_scale": jnp.asarray(cs),
+                                         "code_zp": jnp.asarray(zp)})
+        per_warp = (np.asarray(w["code_a"]) != 0).reshape(-1, 16).all(1)
+        assert per_warp.tolist() == [True] * 2 + [False] + [True] * 13
     leaves = [np.asarray(w[f])[0] for f in ("quant_weight", "weight_scale", "super_scales",
                                             "code_scale", "code_zp")]
     exact = np.asarray(dequantize_wint2(*leaves), np.float32)
@@ -425,7 +437,7 @@ def test_kernel_decode_is_exact_through_one_hot_rows(mma):
         want = exact
     mma, _, planes = mma.partition("-")
     got = kernel_mosaic.grouped_matmul_fragments(
-        jnp.eye(k, dtype=jnp.bfloat16), pallas_kernels.to_fragments(w),
+        jnp.eye(k, dtype=jnp.bfloat16), pallas_kernels.to_fragments(w, integer=False),
         jnp.asarray([k], jnp.int32),
         config=MosaicConfig(block_m=16, mma=mma, planes=planes or "bf16"))
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
@@ -538,3 +550,23 @@ def test_expert_ffn_matches_the_two_projections(case):
     assert_close(got, want, rel_l2=1e-2, min_frac_close=0.97, context=str(case))
     assert_close(got, two, rel_l2=1e-3, min_frac_close=0.99, context=str(case))
     assert not np.asarray(got[m - 3:]).astype(np.float32).any(), "padding rows"
+
+
+def test_integer_codes_ride_along_and_are_dropped_by_from_fragments():
+    w = _rand_linear(256, 128, 2, layers=2)
+    plain = pallas_kernels.to_fragments(w, integer=False)
+    assert not set(kernel_mosaic.INTEGER_CODE_LEAVES) & set(plain)
+    f = pallas_kernels.to_fragments(w, integer=True)
+    a, b = (np.asarray(f[leaf]) for leaf in kernel_mosaic.INTEGER_CODE_LEAVES)
+    assert a.shape == b.shape == w["code_scale"].shape and a.dtype == np.int32
+    u = np.arange(256, dtype=np.int64)[:, None]
+    cs, zp = np.asarray(w["code_scale"]).reshape(-1), np.asarray(w["code_zp"]).reshape(-1)
+    ok = a.reshape(-1) != 0
+    assert ok.mean() > 0.99
+    got = ((u * a.reshape(1, -1)[:, ok] + b.reshape(1, -1)[:, ok]) % 2**32) >> 16
+    want = wint2.wint2_codes_exact(u, cs[None, ok], zp[None, ok])
+    np.testing.assert_array_equal(got, want)
+    back = pallas_kernels.from_fragments(f)
+    assert sorted(back) == sorted(w)
+    for leaf in w:
+        np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(w[leaf]))
