@@ -44,6 +44,7 @@ import numpy as np
 from . import checks, codecs, kernel_mosaic, profiling, reference, shapes
 from . import config as config_lib
 from .api import quant_expert_ffn, quant_grouped_matmul
+from .drive import add_code_step_args, use_code_step_args
 from .numerics import assert_close
 
 L2_BYTES = 50 * 2**20
@@ -624,16 +625,10 @@ def main(argv=None) -> int:
     p.add_argument("--int-decode", choices=("ptx", "jnp"), default="ptx",
                    help="WINT8 bytes -> fp32 in the GEMV-style 'fma' kernel (A/B timing; ptx "
                         "is the default)")
-    p.add_argument("--code-step", choices=("integer", "float"), default="float",
-                   help="the Mosaic WINT2 kernel's byte -> code step (A/B timing; integer where a"
-                        " warp's columns have one, kernel_mosaic.integer_codes)")
-    p.add_argument("--dyadic-codes", action="store_true",
-                   help="WINT2 weights with coarse dyadic code_scale / code_zp "
-                        "(shapes.dyadic_codes: every column has an integer code step)")
+    add_code_step_args(p)
     p.add_argument("--out", default=None, help="JSON lines file")
     a = p.parse_args(argv)
-    kernel_mosaic.INTEGER_CODES = a.code_step == "integer"
-    shapes.DYADIC_CODES = a.dyadic_codes
+    use_code_step_args(a)
     codecs.WINT2_PTX_DECODE = a.wint2_decode == "ptx"
     codecs.INT_PTX_DECODE = a.int_decode == "ptx"
     tokens = [int(t) for t in a.tokens.split(",")]

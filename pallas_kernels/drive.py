@@ -62,15 +62,9 @@ def main(argv=None) -> None:
     p.add_argument("--fused-ffn", action="store_true",
                    help="mosaic, --proj ffn: the FFN as one op, as the model runs it "
                         "(expert_ffn_fragments; default: two grouped calls)")
-    p.add_argument("--code-step", choices=("integer", "float"), default="float",
-                   help="mosaic: the byte -> code step (integer where a warp's columns have one,"
-                        " kernel_mosaic.integer_codes; or the float step everywhere)")
-    p.add_argument("--dyadic-codes", action="store_true",
-                   help="coarse dyadic code_scale / code_zp (shapes.dyadic_codes): every column"
-                        " has an integer step; default arbitrary fp32 (~2 %% have none)")
+    add_code_step_args(p)
     a = p.parse_args(argv)
-    kernel_mosaic.INTEGER_CODES = a.code_step == "integer"
-    shapes.DYADIC_CODES = a.dyadic_codes
+    use_code_step_args(a)
     cfg = None
     if a.config:
         bm, bn, bk, nw, mode, split = a.config.split(",")
@@ -129,6 +123,22 @@ def _ffn(a, s, cfg) -> None:
             return kernels.quant_grouped_matmul(h, wd, gs, row_scale=rw, **kw)
         what = cfg or "tuned config"
     _time(a, jax.jit(ffn), (x, w_up, w_down, gs, rw), what)
+
+
+def add_code_step_args(p: argparse.ArgumentParser) -> None:
+    """``--code-step`` and ``--dyadic-codes`` (this driver's and ``pallas_kernels.bench``'s)."""
+    p.add_argument("--code-step", choices=("integer", "float"), default="float",
+                   help="the Mosaic WINT2 kernel's byte -> code step: integer in each warp whose "
+                        "columns have one (kernel_mosaic.integer_codes), or float everywhere")
+    p.add_argument("--dyadic-codes", action="store_true",
+                   help="WINT2 weights with coarse dyadic code_scale / code_zp "
+                        "(shapes.dyadic_codes: every column has an integer code step; the "
+                        "default arbitrary fp32 columns: 99.98 %%)")
+
+
+def use_code_step_args(a: argparse.Namespace) -> None:
+    kernel_mosaic.INTEGER_CODES = a.code_step == "integer"
+    shapes.DYADIC_CODES = a.dyadic_codes
 
 
 def _routed_rows(a, s, k: int):

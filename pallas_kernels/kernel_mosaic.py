@@ -28,6 +28,10 @@ scale nibbles are pre-arranged the same way (4 bytes a lane quad a step, :func:`
     per plane s in (9, 6, 3, 0):           window w -> bf16 128 + w (lop3 with 0x4300)
       A = fma.rn.bf16x2(128 + w, nib, -160 * nib) = bf16(q * nib),  q = w - 32
 
+Optionally (``to_fragments(w, integer=True)``, ``results/NOTES.md`` §60) the code step is one
+integer multiply-add, ``code = (u * A + B) >> 16`` with per-column ``A, B`` fitted by the host
+(:func:`integer_codes`), in each warp whose 16 columns all have an exact pair.
+
 ``zp + 0.5`` is formed once per program (exact while ``|zp| < 2^22``): for codes below 2^22,
 adding 0.5 to a float whose ulp is at most 0.5 commutes with round-to-nearest, and at a power of
 two both roundings land on it, so one fused rounding floors to the format's ``floor(fma + 0.5)``
@@ -87,6 +91,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -357,8 +362,7 @@ def _code_pairs(words, consts, iconsts):
     if iconsts is None:
         return pairs(False)
     a0 = arith.bitcast(i32, regs(iconsts)[0])
-    import inspect  # the keyword was renamed across MLIR's Python bindings
-
+    # the keyword was renamed across MLIR's Python bindings (jaxlib 0.10: has_else)
     has_else = "has_else" if "has_else" in inspect.signature(scf.IfOp).parameters else "hasElse"
     branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ne, a0, arith.constant(i32, 0)),
                       [i32] * 2 * len(words), **{has_else: True})
