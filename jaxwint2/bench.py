@@ -296,7 +296,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also the GPU kernel time of the decode steps (a profiler trace) and "
                          "the kernels that take the most")
-    ap.add_argument("--code-step", choices=("integer", "float"), default="float",
+    ap.add_argument("--code-step", choices=("integer", "float"), default="integer",
                     help="WINT2 experts on the Mosaic GPU kernel: the byte -> code step "
                          "(pallas_kernels.kernel_mosaic.integer_codes; A/B timing)")
     args = ap.parse_args(argv)

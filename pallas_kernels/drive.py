@@ -127,7 +127,7 @@ def _ffn(a, s, cfg) -> None:
 
 def add_code_step_args(p: argparse.ArgumentParser) -> None:
     """``--code-step`` and ``--dyadic-codes`` (this driver's and ``pallas_kernels.bench``'s)."""
-    p.add_argument("--code-step", choices=("integer", "float"), default="float",
+    p.add_argument("--code-step", choices=("integer", "float"), default="integer",
                    help="the Mosaic WINT2 kernel's byte -> code step: integer in each warp whose "
                         "columns have one (kernel_mosaic.integer_codes), or float everywhere")
     p.add_argument("--dyadic-codes", action="store_true",

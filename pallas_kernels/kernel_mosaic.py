@@ -573,22 +573,33 @@ def _apply_groups(acc, parts, s_smem, xg_ref, col0: int = 0):
     return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
+def _column_pairs(refs):
+    """Inside ``inline_mgpu``: each ref's values at thread t's two rows n, n + 8 (a warpgroup's
+    64 columns: the wgmma A fragment's rows), ref by ref."""
+    ir, arith, gpu, llvm, memref, *_ = _mgpu()
+    _, _, r = _thread_rows()
+    rows = [r, arith.addi(r, _mgpu()[-1].c(8, ir.IntegerType.get_signless(32)))]
+    return [memref.load(ref, [arith.index_cast(ir.IndexType.get(), n)]) for ref in refs
+            for n in rows]
+
+
+def _thread_vector(vals):
+    """Inside ``inline_mgpu``: four f32 values a thread as a WG_STRIDED ``[512]`` array."""
+    ir, *_, fa, _ = _mgpu()
+    from jax._src.lib.mlir.dialects import vector
+
+    vec = vector.from_elements(ir.VectorType.get((4,), ir.F32Type.get()), vals)
+    return fa.FragmentedArray(_registers=np.array([vec], dtype=object),
+                              _layout=fa.WGStridedFragLayout((512,), 4), _is_signed=None)
+
+
 def _consts_regs(cs_ref, zp_ref):
     """Inside ``inline_mgpu``: thread t's ``(cs, cs, zp + 0.5, zp + 0.5)`` of rows n, n + 8."""
-    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
-    _, _, r = _thread_rows()
-    rows = [r, arith.addi(r, mu.c(8, i32))]
-    f32 = ir.F32Type.get()
-    vals = [memref.load(ref, [arith.index_cast(index, n)]) for ref in (cs_ref, zp_ref)
-            for n in rows]
-    half = arith.constant(f32, 0.5)
+    ir, arith, *_ = _mgpu()
+    vals = _column_pairs((cs_ref, zp_ref))
+    half = arith.constant(ir.F32Type.get(), 0.5)
     vals[2:] = [arith.addf(v, half) for v in vals[2:]]  # zp + 0.5: exact (|zp| < 2^22)
-    vec = vector.from_elements(ir.VectorType.get((4,), f32), vals)
-    layout = fa.WGStridedFragLayout((512,), 4)
-    return fa.FragmentedArray(_registers=np.array([vec], dtype=object), _layout=layout,
-                              _is_signed=None)
+    return _thread_vector(vals)
 
 
 def _store_tile(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, bm: int,
@@ -645,20 +656,10 @@ def _iconsts_regs(ca_ref, cb_ref):
     """Inside ``inline_mgpu``: thread t's integer code step ``(A0, A1, B0, B1)`` of rows n, n + 8
     (bit patterns in an f32 vector, like :func:`_consts_regs`), ``A0`` zeroed unless every
     column of the thread's warp has an exact one (``A != 0``; ``_ICODE_WARP_ASM``)."""
-    ir, arith, gpu, llvm, memref, vector, _, mgpu, fa, mu = _mgpu()
-    i32 = ir.IntegerType.get_signless(32)
-    index = ir.IndexType.get()
-    _, _, r = _thread_rows()
-    rows = [r, arith.addi(r, mu.c(8, i32))]
-    a0, a1, b0, b1 = [memref.load(ref, [arith.index_cast(index, n)]) for ref in (ca_ref, cb_ref)
-                      for n in rows]
+    ir, arith, gpu, llvm, *_ = _mgpu()
+    a0, a1, b0, b1 = _column_pairs((ca_ref, cb_ref))
     [a0] = _asm(llvm, ir, _ICODE_WARP_ASM, "=r,r,r", [a0, a1], 1)
-    f32 = ir.F32Type.get()
-    vec = vector.from_elements(ir.VectorType.get((4,), f32),
-                               [arith.bitcast(f32, v) for v in (a0, a1, b0, b1)])
-    layout = fa.WGStridedFragLayout((512,), 4)
-    return fa.FragmentedArray(_registers=np.array([vec], dtype=object), _layout=layout,
-                              _is_signed=None)
+    return _thread_vector([arith.bitcast(ir.F32Type.get(), v) for v in (a0, a1, b0, b1)])
 
 
 def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activation, out_dtype,
@@ -1068,10 +1069,10 @@ def supports(w: dict) -> bool:
 
 
 INTEGER_CODE_LEAVES = ("code_a", "code_b")
-INTEGER_CODES = False
-""":func:`to_fragments`' default for ``integer`` (the benchmarks' ``--code-step`` flag). Off:
-the kernel gains 4-8 % with it (300B FFN, H100, ``results/NOTES.md`` §60), but the 21B's decode
-steps took 160 ms of host time each with it on (GPU kernel time unchanged), not yet explained."""
+INTEGER_CODES = True
+""":func:`to_fragments`' default for ``integer`` (the benchmarks' ``--code-step`` flag): the
+300B expert FFN 4-9 % faster at 1-64 tokens (H100), its decode +3 % (H200), results/NOTES.md
+§60."""
 
 
 def integer_codes(w: dict) -> dict:
@@ -1082,16 +1083,37 @@ def integer_codes(w: dict) -> dict:
     100..125 as the benchmarks draw them, 98 % of cs in 32..120 with zp below 4000) and
     ``code_a == 0`` for a column that has none. The kernel takes the integer step in each warp
     (16 columns) whose columns all have one, the float step in the others, so the result is
-    the format's decode either way. Fitted on the host (NumPy, in threads).
+    the format's decode either way. Fitted on the host (NumPy, in threads); an array sharded
+    over a mesh is fitted shard by shard (each process its own, each distinct shard once).
     """
+    cs, zp = w["code_scale"], w["code_zp"]
+    sharding = getattr(cs, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        # Uncommitted, like the other leaves: one leaf committed to a device among uncommitted
+        # ones makes jit key its cache on every argument's placement, and the model then
+        # compiled each step twice (results/NOTES.md §60).
+        return {**w, **dict(zip(INTEGER_CODE_LEAVES, map(jnp.asarray, _fit_codes(cs, zp)),
+                                strict=True))}
+    if zp.sharding != sharding:
+        raise ValueError(f"code_zp is placed {zp.sharding}, code_scale {sharding}: shard them "
+                         "alike")
+    fits, shards = {}, ([], [])
+    for s_cs, s_zp in zip(cs.addressable_shards, zp.addressable_shards, strict=True):
+        key = str(s_cs.index)
+        if key not in fits:
+            fits[key] = _fit_codes(s_cs.data, s_zp.data)
+        for out, a in zip(shards, fits[key], strict=True):
+            out.append(jax.device_put(a, s_cs.device))
+    return {**w, **{leaf: jax.make_array_from_single_device_arrays(cs.shape, sharding, out)
+                    for leaf, out in zip(INTEGER_CODE_LEAVES, shards, strict=True)}}
+
+
+def _fit_codes(cs, zp) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`wint2.affine_codes` with ``A = 0`` where a column has no pair (the kernel's mark)."""
     from .wint2 import affine_codes
 
-    cs = w["code_scale"]
-    a, b, exact = affine_codes(np.asarray(cs), np.asarray(w["code_zp"]))
-    a = np.where(exact, a, 0)
-    place = ((lambda v: jax.device_put(v, cs.sharding)) if isinstance(cs, jax.Array)
-             else jnp.asarray)
-    return {**w, "code_a": place(a), "code_b": place(b)}
+    a, b, exact = affine_codes(np.asarray(cs), np.asarray(zp))
+    return np.where(exact, a, 0), b
 
 
 def to_fragments(w: dict, *, in_place: bool = False, integer: bool | None = None) -> dict:

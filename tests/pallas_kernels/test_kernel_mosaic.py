@@ -151,13 +151,14 @@ def test_fragment_scales_hold_each_threads_rows():
 @pytest.mark.parametrize("layers", [None, 3])
 def test_to_and_from_fragments_round_trip(layers):
     w = _rand_linear(512, 128, 2, layers=layers)
-    f = pallas_kernels.to_fragments(w)
+    f = pallas_kernels.to_fragments(w, integer=False)  # with integer codes: + code_a, code_b
     assert {a: f[a].shape for a in f} == {a: w[a].shape for a in w}
     assert not np.array_equal(np.asarray(f["quant_weight"]), np.asarray(w["quant_weight"]))
     back = pallas_kernels.from_fragments(f)
     for leaf in w:
         np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(w[leaf]), leaf)
-    inplace = pallas_kernels.to_fragments(jax.tree.map(jnp.copy, w), in_place=True)
+    inplace = pallas_kernels.to_fragments(jax.tree.map(jnp.copy, w), in_place=True,
+                                          integer=False)
     np.testing.assert_array_equal(np.asarray(inplace["quant_weight"]),
                                   np.asarray(f["quant_weight"]))
 
@@ -570,3 +571,12 @@ def test_integer_codes_ride_along_and_are_dropped_by_from_fragments():
     assert sorted(back) == sorted(w)
     for leaf in w:
         np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(w[leaf]))
+
+
+def test_integer_codes_are_placed_like_the_other_leaves():
+    """Uncommitted like a plain array leaf: a committed one among them made jit compile the
+    model's steps again once their token arguments became committed (results/NOTES.md §60)."""
+    w = _rand_linear(256, 64, 2)
+    out = kernel_mosaic.integer_codes(w)
+    assert not w["code_scale"].committed
+    assert not any(out[leaf].committed for leaf in kernel_mosaic.INTEGER_CODE_LEAVES)

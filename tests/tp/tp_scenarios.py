@@ -304,15 +304,20 @@ def fragments(tmp: pathlib.Path) -> None:
     for proj, (k, n, spec) in cases.items():
         w = shapes.random_linear(jax.random.key(0), "wint2", k, n, 3)
         w = {f: jnp.stack([a, a[::-1]]) for f, a in w.items()}  # [L=2, E=3, ...]
+        cols = P(None, None, "tp") if proj == "up_gate" else P()  # per-column leaves [L, E, N]
         put = {f: jax.device_put(a, NamedSharding(mesh, P(*spec[:a.ndim - 1], spec[-1])
                                                    if f in ("quant_weight", "weight_scale")
-                                                   else P())) for f, a in w.items()}
+                                                   else cols)) for f, a in w.items()}
         assert kernel_mosaic.local_shape(put["quant_weight"])[-2:] == (
             (k // 4, n // 2) if proj == "up_gate" else (k // 8, n)), proj
         assert pallas_kernels.fragments_support(put), proj
         for in_place in (False, True):
             src = jax.tree.map(jnp.copy, put) if in_place else put
-            f = pallas_kernels.to_fragments(src, in_place=in_place)
+            f = pallas_kernels.to_fragments(src, in_place=in_place, integer=True)
+            want = kernel_mosaic.integer_codes(jax.tree.map(np.asarray, w))  # unsharded fit
+            for leaf in kernel_mosaic.INTEGER_CODE_LEAVES:  # fitted per shard, placed alike
+                assert f[leaf].sharding == put["code_scale"].sharding, (proj, leaf)
+                np.testing.assert_array_equal(np.asarray(f[leaf]), np.asarray(want[leaf]))
             for leaf, frag in (("quant_weight", kernel_mosaic.fragment_weights),
                                ("weight_scale", kernel_mosaic.fragment_scales)):
                 got = f[leaf]
