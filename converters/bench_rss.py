@@ -56,7 +56,9 @@ def _nbytes(tree) -> int:
 
 
 def part_bytes(cfg: ErnieConfig) -> dict[str, int]:
-    return {p: _nbytes(part_shapes(cfg, p)) for p in part_names(cfg)}
+    """Bytes of each part as the Paddle source holds it (WINT2 without ``code_a`` / ``code_b``,
+    which the converter adds: 8 bytes a column)."""
+    return {p: _nbytes(part_shapes(cfg, p, integer_codes=False)) for p in part_names(cfg)}
 
 
 def checkpoint_bytes(cfg: ErnieConfig) -> int:

@@ -9,6 +9,8 @@ expands to every routed expert, and the results are stacked ``[E, ...]``.
 source checkpoint into runtime leaves, reading only that part's tensors. For a ``rank{r}/``
 checkpoint it builds every rank's slice against that rank's expected shapes
 (:func:`converters.tp.rank_shapes`) and merges them to TP1 (:func:`converters.tp.merge_tp`).
+WINT2 linears then get the integer code step's ``code_a`` / ``code_b``, which no source holds,
+fitted from their ``code_scale`` / ``code_zp`` (:func:`jaxwint2.checkpoint.add_integer_codes`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxwint2.checkpoint import check_part, layer_index, part_shapes
+from jaxwint2.checkpoint import add_integer_codes, check_part, layer_index, part_shapes
 from jaxwint2.config import ErnieConfig
 
 from . import hooks
@@ -142,11 +144,13 @@ def _origin(layout: str, quantized: bool) -> str:
 
 
 def build_rank_part(ckpt: SourceCheckpoint, part: str, rank: int) -> tuple[Tree, hooks.Fetch]:
-    """One rank's slice of ``part`` in runtime layout (shapes of that rank)."""
+    """One rank's slice of ``part`` in runtime layout (shapes of that rank), from its source
+    tensors only: WINT2 linears without ``code_a`` / ``code_b``."""
     cfg, tp = ckpt.config, ckpt.tp_size
     quantized = bool(ckpt.config_dict.get("quantization_config"))
     fetch = hooks.Fetch(ckpt.ranks[rank], _origin(ckpt.layout, quantized))
-    shapes = rank_shapes(cfg, part, rank, tp) if tp > 1 else part_shapes(cfg, part)
+    shapes = (rank_shapes(cfg, part, rank, tp, integer_codes=False) if tp > 1
+              else part_shapes(cfg, part, integer_codes=False))
     i = layer_index(part)
     out: Tree = {}
     if i is None:
@@ -164,7 +168,8 @@ def build_rank_part(ckpt: SourceCheckpoint, part: str, rank: int) -> tuple[Tree,
 
 
 def build_part(ckpt: SourceCheckpoint, part: str) -> tuple[Tree, list[hooks.Fetch]]:
-    """``part`` of ``ckpt`` in TP1 runtime layout, checked against :mod:`jaxwint2.layout`.
+    """``part`` of ``ckpt`` in TP1 runtime layout, checked against :mod:`jaxwint2.layout`
+    (WINT2 ``code_a`` / ``code_b`` fitted after the ranks are merged, one part at a time).
 
     Returns the subtree and the per-rank :class:`hooks.Fetch` records (consumed names, rounded
     tensors).
@@ -173,7 +178,8 @@ def build_part(ckpt: SourceCheckpoint, part: str) -> tuple[Tree, list[hooks.Fetc
         built = [build_rank_part(ckpt, part, r) for r in range(ckpt.tp_size)]
         subtrees, fetches = [b[0] for b in built], [b[1] for b in built]
         sub = merge_tp(ckpt.config, part, subtrees) if ckpt.tp_size > 1 else subtrees[0]
-        check_part(ckpt.config, part, sub)
+        check_part(ckpt.config, part, sub, integer_codes=False)
+        sub = add_integer_codes(sub)
     except CheckpointError:
         raise
     except ValueError as e:  # shapes that cannot be split, ranks that disagree

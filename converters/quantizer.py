@@ -10,7 +10,9 @@ which writes FastDeploy's exact names, dtypes and ``weight_quantize`` byte place
   ``w4_end_layer``): symmetric per-column round-to-nearest, the scale the best of a few clipped
   absmax fractions (the layout of Paddle's ``weight_quantize``, which uses the plain absmax).
 * WINT2 (experts of later MoE layers): :func:`converters.encode_wint2`, optionally with a
-  calibration Hessian per linear (GPTQ-style error feedback).
+  calibration Hessian per linear (GPTQ-style error feedback). :func:`quantize_part` returns the
+  full runtime layout, ``code_a``/``code_b`` included (the encoder's dyadic columns: closed
+  form); the Paddle writer drops them, as FastDeploy's format has no such tensors.
 
 The output is built in a temporary sibling directory and renamed into place at the end, so an
 interrupted or failed run leaves nothing at ``dst``. It does not know tensor names (the key table
@@ -203,7 +205,7 @@ def quantize_part(qcfg: ErnieConfig, part: str, sub: Tree, *,
                 out[key] = src[key]
         return out
 
-    result = walk(sub, want, part)
+    result = checkpoint.add_integer_codes(walk(sub, want, part))  # WINT2: code_a, code_b
     checkpoint.check_part(qcfg, part, result)
     return result
 

@@ -8,10 +8,14 @@ section), in runtime layout; ``merge_tp`` puts the ranks' slices back together. 
 * ``attn/qkv``: columns by heads; Q, K and V are split separately and concatenated per rank; with
   fewer kv heads than ranks, rank r holds kv head ``r * n_kv // tp`` (replicated).
 * ``attn/o``, every ``down``: rows (K). Per-column leaves (WINT8/WINT4 ``weight_scale``, WINT2
-  ``super_scales``/``code_scale``/``code_zp``) are the same on every rank. A WINT2 row slice
-  re-packs its 4-bit group scales so the nibble parity restarts at the slice's first row.
+  ``super_scales``/``code_scale``/``code_zp``/``code_a``/``code_b``) are the same on every rank.
+  A WINT2 row slice re-packs its 4-bit group scales so the nibble parity restarts at the slice's
+  first row.
 * every ``up_gate`` (dense, shared, routed experts): gate and up halves split separately on I;
   rank r holds ``[gate_r | up_r]``.
+* column splits take every leaf's columns, per-column ones (``code_a``/``code_b`` too) included.
+  WINT2 linears may come with or without ``code_a``/``code_b`` (per column, so a slice's are
+  the fit of its own columns); FastDeploy's ``rank{r}/`` files never hold them.
 * ``embed``: vocab rows; ``lm_head``: vocab columns; norms and the router: replicated.
 
 Leaves may be NumPy arrays or ``jax.ShapeDtypeStruct`` (then only shapes are computed, which is
@@ -29,8 +33,8 @@ import numpy as np
 
 from jaxwint2.checkpoint import layer_index, part_shapes
 from jaxwint2.config import ErnieConfig
+from jaxwint2.layout import INTEGER_CODE_LEAVES, linear_format
 from jaxwint2.layout import flatten as _flatten
-from jaxwint2.layout import linear_format
 from jaxwint2.layout import unflatten as _unflatten
 from pallas_kernels.wint2 import GROUP_SIZE
 
@@ -162,6 +166,17 @@ def _plans(cfg: ErnieConfig, part: str, tp: int) -> dict[tuple[str, ...], Plan]:
     return plans
 
 
+def _present(plans: dict[tuple[str, ...], Plan], flat: dict) -> dict[tuple[str, ...], Plan]:
+    """``plans`` less ``code_a``/``code_b`` of the WINT2 linears ``flat`` holds with neither."""
+    drop: set[tuple[str, ...]] = set()
+    for p in plans:
+        if p[-1] == INTEGER_CODE_LEAVES[0]:
+            pair = {(*p[:-1], leaf) for leaf in INTEGER_CODE_LEAVES}
+            if not pair & set(flat):
+                drop |= pair
+    return {p: plan for p, plan in plans.items() if p not in drop}
+
+
 def _is_linear(node) -> bool:
     """A ``<linear>`` dict (norms are ``{"weight": [H]}``: one axis, not a linear)."""
     if not isinstance(node, dict) or any(isinstance(v, dict) for v in node.values()):
@@ -248,17 +263,19 @@ def split_tp(cfg: ErnieConfig, part: str, subtree: Tree, rank: int, tp: int) -> 
     """
     if not 0 <= rank < tp:
         raise ValueError(f"rank {rank} not in 0..{tp - 1}")
-    plans = _plans(cfg, part, tp)
     flat = dict(_flatten(subtree))
+    plans = _present(_plans(cfg, part, tp), flat)
     if set(flat) != set(plans):
         raise ValueError(f"part {part!r}: leaves {sorted(flat)} differ from the layout's "
                          f"{sorted(plans)}")
     return _unflatten({p: _split_leaf(x, plans[p], rank, tp) for p, x in flat.items()})
 
 
-def rank_shapes(cfg: ErnieConfig, part: str, rank: int, tp: int) -> Tree:
-    """``ShapeDtypeStruct`` subtree of rank ``rank``'s slice of ``part``."""
-    return split_tp(cfg, part, part_shapes(cfg, part), rank, tp)
+def rank_shapes(cfg: ErnieConfig, part: str, rank: int, tp: int, *,
+                integer_codes: bool = True) -> Tree:
+    """``ShapeDtypeStruct`` subtree of rank ``rank``'s slice of ``part`` (``integer_codes=False``:
+    WINT2 linears without ``code_a``/``code_b``, as a ``rank{r}/`` source holds them)."""
+    return split_tp(cfg, part, part_shapes(cfg, part, integer_codes=integer_codes), rank, tp)
 
 
 def merge_tp(cfg: ErnieConfig, part: str, subtrees: list[Tree]) -> Tree:
@@ -268,8 +285,8 @@ def merge_tp(cfg: ErnieConfig, part: str, subtrees: list[Tree]) -> Tree:
     across ranks; a difference raises ``ValueError`` naming the leaf.
     """
     tp = len(subtrees)
-    plans = _plans(cfg, part, tp)
     flats = [dict(_flatten(s)) for s in subtrees]
+    plans = _present(_plans(cfg, part, tp), flats[0])
     for r, flat in enumerate(flats):
         if set(flat) != set(plans):
             raise ValueError(f"part {part!r} rank {r}: leaves {sorted(flat)} differ from the "

@@ -98,7 +98,8 @@ def synthetic_params(cfg: ErnieConfig, seed: int = 0) -> dict[str, Any]:
                       seed * 7919 + next(counter))
                 for k, v in tree.items()}
 
-    shapes = layout.param_shapes(cfg)
+    # No code_a / code_b: the model fits them (or not) per --code-step, as for a source load.
+    shapes = layout.param_shapes(cfg, integer_codes=False)
     params = {k: build(v, k) for k, v in shapes.items() if k != "layers"}
     params["layer_stacks"] = [build(shapes["layers"][g.start], f"layers/{g.start}", (len(g),))
                               for g in layer_groups(cfg)]

@@ -73,8 +73,9 @@ def synthetic_sharded_params(cfg: ErnieConfig, mesh, seed: int = 0) -> dict:
 
     params = {p: build(p, checkpoint.part_shapes(loc, p)) for p in checkpoint.part_names(loc)
               if checkpoint.layer_index(p) is None}
-    params["layer_stacks"] = [build(f"layers/{g.start}", layout.layer_shapes(loc, g.start),
-                                    (len(g),)) for g in layer_groups(cfg)]
+    params["layer_stacks"] = [  # no code_a / code_b: fitted per shard by the model
+        build(f"layers/{g.start}", layout.layer_shapes(loc, g.start, integer_codes=False),
+              (len(g),)) for g in layer_groups(cfg)]
     return params
 
 

@@ -60,10 +60,12 @@ def _check_dtype(dtype) -> str:
 
 
 def _validated(cfg: ErnieConfig, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check ``params`` against ``layout.param_shapes(cfg)``; cast float leaves to their dtype."""
-    expected = layout.param_shapes(cfg)
+    """Check ``params`` against ``layout.param_shapes(cfg)``; cast float leaves to their dtype.
+
+    WINT2 linears may hold ``code_a`` / ``code_b`` or not (``layout.match_integer_codes``)."""
     if "layers" not in params:
         raise ValueError("params has no 'layers' entry (runtime layout: jaxwint2/layout.py)")
+    expected = layout.match_integer_codes(layout.param_shapes(cfg), dict(params))
     got_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
     want = jax.tree_util.tree_leaves_with_path(expected)
     missing = [jax.tree_util.keystr(p) for p, _ in want if jax.tree_util.keystr(p) not in got_paths]
@@ -100,7 +102,9 @@ class ErnieForCausalLM(nnx.Module):
         Hopper GPU (bf16, kernels not ``"reference"``) WINT2 expert bytes are re-ordered for the
         Mosaic GPU kernel (:func:`pallas_kernels.to_fragments`): into a copy, or, with
         ``donate_stacks``, inside the given stacks (consumed; peak memory one layer instead of a
-        second copy of the experts: what a 300B on one GPU needs).
+        second copy of the experts: what a 300B on one GPU needs). WINT2 ``code_a`` /
+        ``code_b`` leaves, where given, go to that kernel (absent: it fits them); every other
+        linear drops them (nothing else reads them).
       kernels: ``"pallas"`` | ``"reference"`` | ``"auto"`` (see :mod:`jaxwint2.formats`).
       dtype: activation / compute dtype, ``"bfloat16"`` or ``"float32"``.
       k_order: WINT2 in-group K order of the checkpoint (``meta["k_order"]``).
@@ -135,13 +139,14 @@ class ErnieForCausalLM(nnx.Module):
         stacks = list(stacks)
         for i, (g, st) in enumerate(zip(groups, stacks, strict=True)):
             fmt = None
+            stacks[i] = layout.without_integer_codes(st)  # read by the Mosaic kernel only
             if cfg.is_moe_layer(g.start):
                 fmt = WeightFormat(cfg.expert_format(g.start), kernels, k_order)
                 if self._use_fragments(fmt, st["mlp"]["experts"]):
                     fmt = dataclasses.replace(fmt, byte_order="fragments")
                     experts = {proj: pallas_kernels.to_fragments(w, in_place=in_place)
                                for proj, w in st["mlp"]["experts"].items()}
-                    stacks[i] = {**st, "mlp": {**st["mlp"], "experts": experts}}
+                    stacks[i] = {**stacks[i], "mlp": {**stacks[i]["mlp"], "experts": experts}}
             expert_fmts.append(fmt)
 
         self.embed = Embedding(params["embed"]["weight"], axis_name=axis_name)

@@ -144,7 +144,7 @@ def leaf_spec(part: str, path: tuple[str, ...], ndim: int, linear: Tree | None =
     * ``embed`` rows (vocab), ``lm_head`` columns (vocab);
     * ``qkv`` and every ``up_gate``: all leaves on the last (column) axis;
     * ``o`` and every ``down``: the weight rows (K) and, for WINT2, the group-scale rows;
-      per-column scales are replicated;
+      per-column leaves (scales, WINT2 ``code_a`` / ``code_b``) are replicated;
     * norms and the router: replicated.
     """
     if part == "embed":

@@ -2,8 +2,9 @@
 
 * :func:`random_params` / :func:`random_part`: a NumPy runtime tree (:mod:`jaxwint2.layout`)
   with realistic statistics: WINT2 experts whose codes stay inside 15 bits and whose decoded
-  weights have std ~0.02, WINT8/WINT4 from quantizing Gaussian weights, fp32 router ~N(0, 0.02),
-  correction bias ~30 +- 0.05, norms ~1 +- 0.1 (bf16-exact), bf16 embeddings with std ~0.02.
+  weights have std ~0.02 (``code_a`` / ``code_b`` fitted, as the converter stores them),
+  WINT8/WINT4 from quantizing Gaussian weights, fp32 router ~N(0, 0.02), correction bias ~30 +-
+  0.05, norms ~1 +- 0.1 (bf16-exact), bf16 embeddings with std ~0.02.
 * :func:`write_hf_checkpoint`: a tiny random ``transformers.Ernie4_5_MoeForCausalLM`` saved with
   ``save_pretrained`` (torch and transformers are imported only there).
 
@@ -20,7 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import assemble, part_names, part_shapes
+from .checkpoint import add_integer_codes, assemble, part_names, part_shapes
 from .config import ErnieConfig
 
 BF16 = ml_dtypes.bfloat16
@@ -64,10 +65,10 @@ def random_linear(rng: np.random.Generator, fmt: str, k: int, n: int,
         zp_max = 32767 - 255 * cs
         zp = np.floor(rng.uniform(0, 1, (*e, n)) * zp_max * 64).astype(np.float32) / 64
         ss = _bf16_exact(std / 170 * rng.uniform(0.7, 1.3, (*e, n)))
-        return {"quant_weight": rng.integers(0, 256, (*e, k // 4, n), dtype=np.uint8),
-                "weight_scale": rng.integers(0x11, 256, (*e, -(-k // 128), n), dtype=np.uint8)
-                | 0x11,
-                "super_scales": ss, "code_scale": cs, "code_zp": zp}
+        return add_integer_codes({
+            "quant_weight": rng.integers(0, 256, (*e, k // 4, n), dtype=np.uint8),
+            "weight_scale": rng.integers(0x11, 256, (*e, -(-k // 128), n), dtype=np.uint8) | 0x11,
+            "super_scales": ss, "code_scale": cs, "code_zp": zp})
     raise ValueError(f"unknown weight format {fmt!r}")
 
 

@@ -1092,7 +1092,7 @@ def integer_codes(w: dict) -> dict:
         # Uncommitted, like the other leaves: one leaf committed to a device among uncommitted
         # ones makes jit key its cache on every argument's placement, and the model then
         # compiled each step twice (results/NOTES.md §60).
-        return {**w, **dict(zip(INTEGER_CODE_LEAVES, map(jnp.asarray, _fit_codes(cs, zp)),
+        return {**w, **dict(zip(INTEGER_CODE_LEAVES, map(jnp.asarray, fit_integer_codes(cs, zp)),
                                 strict=True))}
     if zp.sharding != sharding:
         raise ValueError(f"code_zp is placed {zp.sharding}, code_scale {sharding}: shard them "
@@ -1101,38 +1101,42 @@ def integer_codes(w: dict) -> dict:
     for s_cs, s_zp in zip(cs.addressable_shards, zp.addressable_shards, strict=True):
         key = str(s_cs.index)
         if key not in fits:
-            fits[key] = _fit_codes(s_cs.data, s_zp.data)
+            fits[key] = fit_integer_codes(s_cs.data, s_zp.data)
         for out, a in zip(shards, fits[key], strict=True):
             out.append(jax.device_put(a, s_cs.device))
     return {**w, **{leaf: jax.make_array_from_single_device_arrays(cs.shape, sharding, out)
                     for leaf, out in zip(INTEGER_CODE_LEAVES, shards, strict=True)}}
 
 
-def _fit_codes(cs, zp) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`wint2.affine_codes` with ``A = 0`` where a column has no pair (the kernel's mark)."""
+def fit_integer_codes(cs, zp) -> tuple[np.ndarray, np.ndarray]:
+    """``(code_a, code_b)`` int32 NumPy, shaped like ``cs``: :func:`wint2.affine_codes` with
+    ``A = 0`` where a column has no pair (the kernel's mark). Host only (no device, no jit): what
+    :func:`integer_codes` fits at load and the converter stores (``jaxwint2.layout``)."""
     from .wint2 import affine_codes
 
     a, b, exact = affine_codes(np.asarray(cs), np.asarray(zp))
-    return np.where(exact, a, 0), b
+    return np.where(exact, a, 0).astype(np.int32), b
 
 
 def to_fragments(w: dict, *, in_place: bool = False, integer: bool | None = None) -> dict:
     """A WINT2 ``<linear>`` (``[E, ...]`` or ``[L, E, ...]`` leaves) in fragment byte order.
 
     Same leaves, shapes and dtypes: ``quant_weight`` and ``weight_scale`` hold the same bytes
-    permuted (:func:`fragment_weights`, :func:`fragment_scales`); with ``integer``, also the
-    integer code step's leaves (:func:`integer_codes`; default ``INTEGER_CODES``). ``in_place``:
-    a layer stack is
-    re-ordered one layer at a time inside its own (donated) buffer, so the caller's arrays of
-    those two leaves are consumed; the peak is one layer more instead of a second stack. Arrays
-    sharded over a mesh (tensor parallelism) are re-ordered shard by shard: each device's block
-    is then the fragment order of its own local linear, which is what the kernel sees under
-    ``shard_map``.
+    permuted (:func:`fragment_weights`, :func:`fragment_scales`); with ``integer`` (default
+    ``INTEGER_CODES``), also the integer code step's leaves: ``w``'s own (a converted checkpoint
+    stores them), else fitted (:func:`integer_codes`); without, ``w``'s are dropped.
+    ``in_place``: a layer stack is re-ordered one layer at a time inside its own (donated)
+    buffer, so the caller's arrays of those two leaves are consumed; the peak is one layer more
+    instead of a second stack. Arrays sharded over a mesh (tensor parallelism) are re-ordered
+    shard by shard: each device's block is then the fragment order of its own local linear,
+    which is what the kernel sees under ``shard_map``.
     """
     shape = local_shape(w["quant_weight"])
     _check_dims(4 * shape[-2], shape[-1])
-    if (INTEGER_CODES if integer is None else integer) and "code_a" not in w:
-        w = integer_codes(w)
+    if INTEGER_CODES if integer is None else integer:
+        w = w if "code_a" in w else integer_codes(w)  # stored by the converter, or fitted here
+    else:  # the float step: leaves a converted checkpoint stores are dropped, not used
+        w = {leaf: a for leaf, a in w.items() if leaf not in INTEGER_CODE_LEAVES}
     return _reorder(w, {"quant_weight": _frag_q, "weight_scale": _frag_s}, in_place=in_place)
 
 

@@ -142,7 +142,7 @@ def test_iter_checkpoint_streams_parts_in_order(ckpts, tiny_cfg):
 def test_metadata_and_copied_files(converted, ckpts):
     path, summary = converted["w4w2_bf16"]
     meta = checkpoint.read_meta(path)
-    assert meta["format_version"] == 1 and meta["source"] == str(ckpts["w4w2_bf16"].absolute())
+    assert meta["format_version"] == 2 and meta["source"] == str(ckpts["w4w2_bf16"].absolute())
     assert (path / "config.json").read_bytes() == (ckpts["w4w2_bf16"] / "config.json").read_bytes()
     for f in ("generation_config.json", "tokenizer.model", "tokenizer_config.json"):
         assert (path / f).read_bytes() == (ckpts["w4w2_bf16"] / f).read_bytes(), f

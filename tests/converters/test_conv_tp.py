@@ -8,9 +8,10 @@ from conv_sources import tp4_config
 
 import converters
 import pallas_kernels as pk
-from jaxwint2 import checkpoint
+from jaxwint2 import checkpoint, layout
 from jaxwint2.layout import linear_format
 from jaxwint2.testing import random_params
+from pallas_kernels import kernel_mosaic
 
 
 def _same(a, b) -> bool:
@@ -102,6 +103,43 @@ def test_column_splits_follow_heads_and_halves(cfg4, params4):
                ["mlp"]["experts"]["up_gate"])
     np.testing.assert_array_equal(sub, np.concatenate(
         [ug[..., 3 * s:4 * s], ug[..., half + 3 * s:half + 4 * s]], axis=-1))
+
+
+def _wint2_linears(tree, path=()):
+    for k, v in tree.items():
+        if isinstance(v, dict) and "code_scale" in v:
+            yield (*path, k), v
+        elif isinstance(v, dict):
+            yield from _wint2_linears(v, (*path, k))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_split_keeps_integer_codes_consistent(cfg4, params4, tp):
+    """code_a / code_b are per column: each rank's are the fit of its own code_scale / code_zp
+    (up_gate: column slices; down: replicated). A tree stored without them (a version-1
+    conversion, source tensors) splits and merges without them; one of the pair alone is
+    refused."""
+    checked = 0
+    for i in range(cfg4.num_hidden_layers):
+        part, full = f"layers/{i}", params4["layers"][i]
+        plain = layout.without_integer_codes(full)
+        ranks = [converters.split_tp(cfg4, part, full, r, tp) for r in range(tp)]
+        plain_ranks = [converters.split_tp(cfg4, part, plain, r, tp) for r in range(tp)]
+        for r in range(tp):
+            assert _same(plain_ranks[r], layout.without_integer_codes(ranks[r])), (part, r)
+            for path, lin in _wint2_linears(ranks[r]):
+                a, b = kernel_mosaic.fit_integer_codes(lin["code_scale"], lin["code_zp"])
+                np.testing.assert_array_equal(lin["code_a"], a, err_msg=f"{part} {path} {r}")
+                np.testing.assert_array_equal(lin["code_b"], b, err_msg=f"{part} {path} {r}")
+                checked += 1
+        assert _same(converters.merge_tp(cfg4, part, plain_ranks), plain), part
+    assert checked == 2 * tp * sum(cfg4.expert_format(i) == "wint2" for i in cfg4.moe_layers)
+    half = params4["layers"][2]
+    lin = half["mlp"]["experts"]["down"]
+    half = {**half, "mlp": {**half["mlp"], "experts": {
+        **half["mlp"]["experts"], "down": {k: v for k, v in lin.items() if k != "code_b"}}}}
+    with pytest.raises(ValueError, match="code_b"):
+        converters.split_tp(cfg4, "layers/2", half, 0, tp)
 
 
 def test_split_rejects_unsplittable_shapes(tiny_cfg, tiny_params):

@@ -10,7 +10,7 @@ import pytest
 from conftest import dense_weights
 from flax import nnx
 
-from jaxwint2 import ErnieConfig, ErnieForCausalLM, layout
+from jaxwint2 import ErnieConfig, ErnieForCausalLM, checkpoint, layout
 from jaxwint2.decoder import layer_groups
 from jaxwint2.model import count_params
 from pallas_kernels.numerics import assert_close
@@ -47,6 +47,33 @@ def test_full_size_configs_by_shape(preset, expected):
 def test_300b_layers_scan_in_three_runs():
     groups = layer_groups(ErnieConfig.ernie45_300b_a47b())
     assert groups == [range(0, 3), range(3, 7), range(7, 54)]
+
+
+def test_integer_code_leaves_are_optional_and_not_kept(tiny_cfg, tiny_params):
+    """WINT2 linears of a loaded checkpoint carry code_a / code_b (jaxwint2/layout.py): the model
+    takes trees with or without them, and off the Mosaic GPU kernel keeps none (nothing else
+    reads them), so both build the same model; one of the pair alone is refused."""
+    with_codes = checkpoint.add_integer_codes(tiny_params)
+    assert "code_a" in with_codes["layers"][3]["mlp"]["experts"]["down"]
+    assert "code_a" not in tiny_params["layers"][3]["mlp"]["experts"]["down"]
+
+    def state(params):
+        model = ErnieForCausalLM.from_params(tiny_cfg, params, kernels="reference")
+        return {jax.tree_util.keystr(p): x for p, x in
+                jax.tree_util.tree_leaves_with_path(nnx.state(model))}
+
+    a, b = state(tiny_params), state(with_codes)
+    assert a.keys() == b.keys() and not [p for p in b if "code_" in p and "code_scale" not in p
+                                         and "code_zp" not in p]
+    assert all(np.array_equal(a[p], b[p]) for p in a)
+    layers = list(with_codes["layers"])
+    down = dict(layers[3]["mlp"]["experts"]["down"])
+    del down["code_b"]
+    layers[3] = {**layers[3], "mlp": {**layers[3]["mlp"], "experts": {
+        **layers[3]["mlp"]["experts"], "down": down}}}
+    with pytest.raises(ValueError, match=r"missing 1 leaves.*\['code_b'\]"):
+        ErnieForCausalLM.from_params(tiny_cfg, {**with_codes, "layers": layers},
+                                     kernels="reference")
 
 
 @pytest.fixture(scope="module")

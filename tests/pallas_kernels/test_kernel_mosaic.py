@@ -573,6 +573,23 @@ def test_integer_codes_ride_along_and_are_dropped_by_from_fragments():
         np.testing.assert_array_equal(np.asarray(back[leaf]), np.asarray(w[leaf]))
 
 
+def test_stored_integer_codes_are_kept_or_dropped_never_refitted():
+    """A converted checkpoint stores code_a / code_b (jaxwint2.layout): the integer step uses
+    them as they are (no fit at load), the float step (``--code-step float``) drops them."""
+    w = _rand_linear(256, 128, 2)
+    stored = {leaf: jnp.full(w["code_scale"].shape, 7, jnp.int32)
+              for leaf in kernel_mosaic.INTEGER_CODE_LEAVES}  # not a fit: must come back as is
+    f = pallas_kernels.to_fragments({**w, **stored}, integer=True)
+    for leaf in kernel_mosaic.INTEGER_CODE_LEAVES:
+        assert f[leaf] is stored[leaf]
+    assert not set(kernel_mosaic.INTEGER_CODE_LEAVES) & set(
+        pallas_kernels.to_fragments({**w, **stored}, integer=False))
+    a, b = kernel_mosaic.fit_integer_codes(np.asarray(w["code_scale"]), np.asarray(w["code_zp"]))
+    fitted = kernel_mosaic.integer_codes(w)
+    np.testing.assert_array_equal(np.asarray(fitted["code_a"]), a)
+    np.testing.assert_array_equal(np.asarray(fitted["code_b"]), b)
+
+
 def test_integer_codes_are_placed_like_the_other_leaves():
     """Uncommitted like a plain array leaf: a committed one among them made jit compile the
     model's steps again once their token arguments became committed (results/NOTES.md §60)."""

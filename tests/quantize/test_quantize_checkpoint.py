@@ -15,7 +15,7 @@ from converters.safetensors_io import SafetensorsFile
 from jaxwint2 import QuantConfig
 from jaxwint2.quantize import main
 from jaxwint2.testing import write_hf_checkpoint
-from pallas_kernels import count_unfused_mismatches, dequantize_wint2
+from pallas_kernels import count_unfused_mismatches, dequantize_wint2, kernel_mosaic
 from pallas_kernels.reference import dequantize
 
 # 3 layers: 0 dense, 1 MoE with WINT4 experts, 2 MoE with WINT2 experts (K = 128 and 64)
@@ -65,6 +65,7 @@ def test_names_dtypes_shapes_and_config(ckpts):
     assert h["ernie.layers.2.mlp.shared_experts.down_proj.quant_weight"][0] == "I8"
     assert h["ernie.layers.2.mlp.gate.weight"] == ("F32", (128, 4))
     assert not any(k.endswith(".weight") and "proj" in k for k in h), "unquantized linear left"
+    assert not any(k.endswith((".code_a", ".code_b")) for k in h), "not a Paddle tensor"
 
 
 def test_loaders_accept_output_and_errors_are_per_format(ckpts, tmp_path):
@@ -143,6 +144,11 @@ def test_calibration_hessian_is_used(ckpts):
         return np.linalg.norm(x @ (w - wh)) / np.linalg.norm(x @ w)
 
     assert out_err(down_c) < out_err(down_p)
+    # the runtime layout in full: the integer code step's leaves, every encoder column exact
+    a, b = kernel_mosaic.fit_integer_codes(down_c["code_scale"], down_c["code_zp"])
+    np.testing.assert_array_equal(down_c["code_a"], a)
+    np.testing.assert_array_equal(down_c["code_b"], b)
+    assert (a != 0).all()
 
 
 def test_cli_errors_leave_nothing_behind(ckpts, tmp_path, capsys):

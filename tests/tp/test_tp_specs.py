@@ -57,7 +57,8 @@ def test_tp_leaf_specs():
     assert moe["mlp"]["experts"]["up_gate"]["code_scale"] == P(None, "tp")
     assert moe["mlp"]["experts"]["down"] == {
         "quant_weight": P(None, "tp", None), "weight_scale": P(None, "tp", None),
-        "super_scales": P(), "code_scale": P(), "code_zp": P()}
+        "super_scales": P(), "code_scale": P(), "code_zp": P(), "code_a": P(), "code_b": P()}
+    assert moe["mlp"]["experts"]["up_gate"]["code_a"] == P(None, "tp")
 
 
 @pytest.mark.parametrize("tp", [2, 4])
