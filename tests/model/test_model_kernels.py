@@ -90,3 +90,61 @@ def test_mosaic_expert_kernel_in_the_model_matches_reference():
     got = np.asarray(model(ids))
     rel_l2 = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert np.isfinite(got).all() and rel_l2 <= 2e-2, f"rel L2 {rel_l2:.2e}"
+
+
+@pytest.mark.gpu
+def test_converted_checkpoint_runs_the_mosaic_kernel_on_its_stored_codes(tmp_path, monkeypatch,
+                                                                       data_dir):
+    """A converted checkpoint stores ``code_a`` / ``code_b`` (format 2): ``jaxwint2.load`` hands
+    them to the Mosaic kernel with no fit, and the model matches the reference path. The WINT2
+    columns have arbitrary fp32 code scales plus the golden file's one column without an integer
+    step, so warps of both code steps run."""
+    import converters
+    import jaxwint2
+    import pallas_kernels
+    from jaxwint2 import layout
+    from pallas_kernels import kernel_mosaic, wint2
+
+    if not pallas_kernels.fragments_available():
+        pytest.skip("the Mosaic WINT2 kernel needs a Hopper GPU")
+    cfg = ErnieConfig.tiny(QuantConfig(dense="wint8", moe="wint2"), hidden_size=256,
+                           moe_intermediate_size=256, num_hidden_layers=3,
+                           moe_layer_end_index=2, moe_k=4)
+    golden = np.load(data_dir / "wint2_golden.npz")
+    cs_all, zp_all = (np.concatenate([golden[f"{c}/{f}"].reshape(-1) for c in
+                                      ("k128_n256", "k256_n128", "k320_n64", "k512_n192")])
+                      for f in ("code_scale", "code_zp"))
+    odd = np.flatnonzero(~wint2.affine_codes(cs_all, zp_all)[2])
+    assert odd.size == 1
+    rng = np.random.default_rng(8)
+    params = make_params(cfg, seed=7)
+    layers = []
+    for i, layer in enumerate(params["layers"]):
+        if cfg.is_moe_layer(i):
+            experts = {}
+            for proj, lin in layer["mlp"]["experts"].items():
+                shape = np.shape(lin["code_scale"])
+                cs = rng.uniform(100, 125, shape).astype(np.float32)
+                zp = (rng.uniform(0, 1, shape) * (32767 - 255 * cs)).astype(np.float32)
+                cs[1, 35], zp[1, 35] = cs_all[odd[0]], zp_all[odd[0]]  # warp 2 of expert 1
+                experts[proj] = {**layout.without_integer_codes(lin), "code_scale": cs,
+                                 "code_zp": zp}
+            layer = {**layer, "mlp": {**layer["mlp"], "experts": experts}}
+        layers.append(layer)
+    src = converters.write_paddle_checkpoint(cfg, {**params, "layers": layers}, tmp_path / "src",
+                                             num_shards=1)
+    converters.convert_checkpoint(src, tmp_path / "dst", progress=False)
+
+    def no_fit(w):
+        raise AssertionError("the stored code_a / code_b were fitted again at load")
+
+    monkeypatch.setattr(kernel_mosaic, "integer_codes", no_fit)
+    model = jaxwint2.load(tmp_path / "dst", kernels="auto")
+    orders = {s.layer.mlp.up_gate.fmt.byte_order for s in model.stacks
+              if hasattr(s.layer.mlp, "router_weight")}
+    assert orders == {"fragments"}, orders
+    ref = jaxwint2.load(tmp_path / "dst", kernels="reference")
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 24))
+    got, want = np.asarray(model(ids)), np.asarray(ref(ids))
+    rel_l2 = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert np.isfinite(got).all() and rel_l2 <= 2e-2, f"rel L2 {rel_l2:.2e}"
