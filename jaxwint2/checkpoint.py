@@ -157,7 +157,7 @@ def add_integer_codes(tree: Tree) -> Tree:
         return [add_integer_codes(v) for v in tree]
     if not isinstance(tree, dict):
         return tree
-    if "code_scale" in tree and "quant_weight" in tree:
+    if layout.is_wint2_linear(tree):
         if all(leaf in tree for leaf in layout.INTEGER_CODE_LEAVES):
             return tree
         from pallas_kernels.kernel_mosaic import fit_integer_codes  # lazy: heavy, host-only use

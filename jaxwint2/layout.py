@@ -159,7 +159,8 @@ def param_shapes(cfg: ErnieConfig, *, integer_codes: bool = True) -> Shapes:
     return tree
 
 
-def _is_wint2(node: Any) -> bool:
+def is_wint2_linear(node: Any) -> bool:
+    """Whether ``node`` is a WINT2 ``<linear>`` dict (arrays or shapes)."""
     return isinstance(node, dict) and "code_scale" in node and "quant_weight" in node
 
 
@@ -170,7 +171,7 @@ def without_integer_codes(tree: Any) -> Any:
         return [without_integer_codes(v) for v in tree]
     if not isinstance(tree, dict):
         return tree
-    if _is_wint2(tree):
+    if is_wint2_linear(tree):
         return {k: v for k, v in tree.items() if k not in INTEGER_CODE_LEAVES}
     return {k: without_integer_codes(v) for k, v in tree.items()}
 
@@ -184,7 +185,7 @@ def match_integer_codes(shapes: Any, tree: Any) -> Any:
         return [match_integer_codes(s, t) for s, t in zip(shapes, tree, strict=True)]
     if not isinstance(shapes, dict) or not isinstance(tree, dict):
         return shapes
-    if _is_wint2(shapes) and not any(leaf in tree for leaf in INTEGER_CODE_LEAVES):
+    if is_wint2_linear(shapes) and not any(leaf in tree for leaf in INTEGER_CODE_LEAVES):
         return without_integer_codes(shapes)
     return {k: match_integer_codes(v, tree[k]) if k in tree else v for k, v in shapes.items()}
 
