@@ -186,15 +186,28 @@ def _tuned_table(device: str, section: str = "configs") -> dict:
     return table
 
 
+LARGE_ROWS = 8192
+"""From this many rows up, a call past the largest tuned row bucket takes that bucket's entry if
+it has at least ``LARGE_ROWS // 8`` rows (long prefills: throughput-bound tiles either way; the
+300B's 8K prefill +8 % over the heuristic's configs, results/NOTES.md §67)."""
+
+
 def _nearest(table: dict, want: TunedKey):
-    """The entry of the nearest tuned row bucket (within 4x; ties: the larger), else None."""
+    """The entry of the nearest tuned row bucket (within 4x; ties: the larger); past the largest
+    bucket from ``LARGE_ROWS`` rows up, the largest bucket's (if it is a large one); else None."""
     best, best_dist = None, 3
+    largest, largest_rows = None, 0
     for key, cfg in table.items():
         *head, rows = key.split("|")
         if head == [str(v) for v in want[:-1]]:
             dist = abs(int(rows).bit_length() - want.rows.bit_length())
             if dist < best_dist or (dist == best_dist and int(rows) > want.rows):
                 best, best_dist = cfg, dist
+            if int(rows) > largest_rows:
+                largest, largest_rows = cfg, int(rows)
+    if (best is None and want.rows >= LARGE_ROWS and want.rows > largest_rows
+            and largest_rows >= LARGE_ROWS // 8):
+        return largest
     return best
 
 

@@ -192,6 +192,9 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         # 8x from both entries / another activation: the heuristic
         assert got[2] == kernel_mosaic.heuristic_config(64, 64, "swiglu", n_out=3584, k=8192)
         assert got[3] == MosaicConfig(block_m=32, stages=2, schedule="all")
+        # past the largest bucket, from config.LARGE_ROWS rows up: the largest bucket's entry
+        assert kernel_mosaic.config_for(8 * config.LARGE_ROWS, 8192, 3584, 64, "swiglu") == \
+            MosaicConfig(block_m=32, stages=2, schedule="all")
         assert kernel_mosaic.config_for(8, 8192, 3584, 64, None) == \
             kernel_mosaic.heuristic_config(8, 64, None, n_out=3584, k=8192)
     finally:

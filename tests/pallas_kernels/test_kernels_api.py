@@ -274,3 +274,19 @@ def test_a_device_table_falls_back_per_key(tmp_path, monkeypatch):
         assert config._tuned_table("cpu") == {}
     finally:
         config._tuned_table.cache_clear()
+
+
+def test_a_long_prefill_takes_the_largest_tuned_bucket():
+    """Past the largest tuned row bucket, from ``LARGE_ROWS`` rows up, that bucket's entry (if it
+    is a large one); otherwise more than 4x from every bucket means the heuristic."""
+    tile = config.TuningConfig(block_m=64, block_n=64, block_k=128, num_warps=4, mode="mma")
+    gemv = config.TuningConfig(block_m=1, block_n=256, block_k=32, num_warps=4, num_stages=1,
+                               split_k=16, mode="fma")
+    table = {str(config.TunedKey("wint4", "none", 64, 3584, 8192, 1024)): tile,
+             str(config.TunedKey("wint4", "none", 64, 3584, 8192, 1)): gemv}
+    want = lambda rows: config.TunedKey("wint4", "none", 64, 3584, 8192, rows)  # noqa: E731
+    assert config._nearest(table, want(65536)) == tile  # 64x past the largest, a 1024-row one
+    assert config._nearest(table, want(4096)) == tile  # within 4x
+    assert config._nearest(table, want(64)) is None  # 16x from 1 and 1024, below LARGE_ROWS
+    small = {str(config.TunedKey("wint4", "none", 64, 3584, 8192, 8)): gemv}
+    assert config._nearest(small, want(65536)) is None  # the largest is not a large bucket
