@@ -175,3 +175,22 @@ def test_damaged_code_leaf_is_named(arbitrary, tiny_cfg, tmp_path, leaf, fn, nee
         assert "'layers/3'" in msg and needle in msg and "format_version 2" in msg, msg
         if fn is not None:
             assert f"mlp/experts/down/{leaf}" in msg, msg
+
+
+def test_a_dense_wint2_linear_gets_codes_per_column():
+    """``add_integer_codes`` on a dense (unstacked) WINT2 linear: ``[N]`` leaves, each column's
+    pair exact on all 256 bytes where it has one; other leaves untouched, non-WINT2 ones alone."""
+    rng = np.random.default_rng(9)
+    n = 192
+    cs = rng.uniform(100, 125, n).astype(np.float32)
+    zp = (rng.uniform(0, 1, n) * (32767 - 255 * cs)).astype(np.float32)
+    lin = {"quant_weight": np.zeros((16, n), np.uint8), "weight_scale": np.zeros((1, n), np.uint8),
+           "super_scales": np.ones(n, np.float32), "code_scale": cs, "code_zp": zp}
+    tree = {"mlp": {"up_gate": lin}, "norm": {"weight": np.ones(8, np.float32)}}
+    got = checkpoint.add_integer_codes(tree)
+    a, b = (got["mlp"]["up_gate"][leaf] for leaf in INTEGER_CODE_LEAVES)
+    assert a.shape == b.shape == (n,) and a.dtype == b.dtype == np.int32
+    assert (a != 0).mean() > 0.99 and _codes_ok(a, b, cs, zp)[a != 0].all()
+    assert got["norm"]["weight"] is tree["norm"]["weight"]  # other leaves shared, not copied
+    assert got["mlp"]["up_gate"]["code_scale"] is cs
+    assert checkpoint.add_integer_codes(got)["mlp"]["up_gate"]["code_a"] is a  # kept, not refit
