@@ -297,13 +297,11 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also the GPU kernel time of the decode steps (a profiler trace) and "
                          "the kernels that take the most")
-    ap.add_argument("--code-step", choices=("integer", "float"), default="integer",
-                    help="WINT2 experts on the Mosaic GPU kernel: the byte -> code step "
-                         "(pallas_kernels.kernel_mosaic.integer_codes; A/B timing)")
-    args = ap.parse_args(argv)
-    from pallas_kernels import kernel_mosaic
+    from pallas_kernels.drive import add_code_step_args, use_code_step_args
 
-    kernel_mosaic.INTEGER_CODES = args.code_step == "integer"
+    add_code_step_args(ap, dyadic=False)  # WINT2 experts on the Mosaic kernel (A/B timing)
+    args = ap.parse_args(argv)
+    use_code_step_args(args)
     cfg = PRESETS[args.model]()
     ints = lambda s: tuple(int(v) for v in s.split(",") if v)  # noqa: E731
     t_start = time.perf_counter()

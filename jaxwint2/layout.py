@@ -63,14 +63,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kernel_mosaic import INTEGER_CODE_LEAVES  # the kernel reads them
+
 from .config import ErnieConfig, Format
 
 FORMAT_VERSION = 2
 """What the converter writes. 2: WINT2 linears store ``code_a`` / ``code_b``."""
 READABLE_FORMAT_VERSIONS = (1, 2)
 """What the loaders read; a version-1 part gets ``code_a`` / ``code_b`` fitted as it is read."""
-INTEGER_CODE_LEAVES = ("code_a", "code_b")
-"""A WINT2 ``<linear>``'s integer code step leaves (module docstring)."""
 META_FILE = "jaxwint2.json"
 PARAMS_DIR = "params"
 

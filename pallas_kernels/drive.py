@@ -125,11 +125,14 @@ def _ffn(a, s, cfg) -> None:
     _time(a, jax.jit(ffn), (x, w_up, w_down, gs, rw), what)
 
 
-def add_code_step_args(p: argparse.ArgumentParser) -> None:
-    """``--code-step`` and ``--dyadic-codes`` (this driver's and ``pallas_kernels.bench``'s)."""
+def add_code_step_args(p: argparse.ArgumentParser, *, dyadic: bool = True) -> None:
+    """``--code-step`` and (``dyadic``: synthetic weights from :mod:`shapes`) ``--dyadic-codes``:
+    this driver's, ``pallas_kernels.bench``'s and ``jaxwint2.bench``'s."""
     p.add_argument("--code-step", choices=("integer", "float"), default="integer",
                    help="the Mosaic WINT2 kernel's byte -> code step: integer in each warp whose "
                         "columns have one (kernel_mosaic.integer_codes), or float everywhere")
+    if not dyadic:
+        return
     p.add_argument("--dyadic-codes", action="store_true",
                    help="WINT2 weights with coarse dyadic code_scale / code_zp "
                         "(shapes.dyadic_codes: every column has an integer code step; the "
@@ -138,7 +141,7 @@ def add_code_step_args(p: argparse.ArgumentParser) -> None:
 
 def use_code_step_args(a: argparse.Namespace) -> None:
     kernel_mosaic.INTEGER_CODES = a.code_step == "integer"
-    shapes.DYADIC_CODES = a.dyadic_codes
+    shapes.DYADIC_CODES = getattr(a, "dyadic_codes", False)
 
 
 def _routed_rows(a, s, k: int):

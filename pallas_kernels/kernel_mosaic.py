@@ -576,9 +576,9 @@ def _apply_groups(acc, parts, s_smem, xg_ref, col0: int = 0):
 def _column_pairs(refs):
     """Inside ``inline_mgpu``: each ref's values at thread t's two rows n, n + 8 (a warpgroup's
     64 columns: the wgmma A fragment's rows), ref by ref."""
-    ir, arith, gpu, llvm, memref, *_ = _mgpu()
+    ir, arith, gpu, llvm, memref, *_, mu = _mgpu()
     _, _, r = _thread_rows()
-    rows = [r, arith.addi(r, _mgpu()[-1].c(8, ir.IntegerType.get_signless(32)))]
+    rows = [r, arith.addi(r, mu.c(8, ir.IntegerType.get_signless(32)))]
     return [memref.load(ref, [arith.index_cast(ir.IndexType.get(), n)]) for ref in refs
             for n in rows]
 
@@ -1069,6 +1069,7 @@ def supports(w: dict) -> bool:
 
 
 INTEGER_CODE_LEAVES = ("code_a", "code_b")
+"""The integer code step's leaves of a WINT2 ``<linear>`` (``jaxwint2.layout`` re-exports them)."""
 INTEGER_CODES = True
 """:func:`to_fragments`' default for ``integer`` (the benchmarks' ``--code-step`` flag): the
 300B expert FFN 4-9 % faster at 1-64 tokens (H100), its decode +3 % (H200), results/NOTES.md
