@@ -28,6 +28,7 @@ writer of those files).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -550,16 +551,39 @@ def _mosaic_candidates(rows: int, experts: int, ksteps: int, activation=None, *,
                                               planes=planes, k_unroll=unroll)
 
 
-def tune_mosaic(case: Case, tokens_list, *, stages=(2,)) -> dict:
-    """Sweep ``_mosaic_candidates`` for both projections of ``case`` (fragment byte order)."""
+def tail_variants(cfg: config_lib.MosaicConfig) -> list[config_lib.MosaicConfig]:
+    """``cfg`` with shorter heights for an expert's last tile (``MosaicConfig.tails``): every
+    multiple of 16 below its height, or half of it (rounded up to 8). wgmma tiles of 24+ rows
+    only. At 256 and 1024 tokens on the 300B they cut 1-8 % a projection (H100 sweeps,
+    results/NOTES.md §69); every multiple of 8 never won."""
+    if cfg.mma != "wgmma" or cfg.block_m < 24:
+        return []
+    sets = dict.fromkeys((tuple(range(16, cfg.block_m, 16)), (-(-cfg.block_m // 16) * 8,)))
+    return [dataclasses.replace(cfg, tails=s) for s in sets if s != cfg.tails]
+
+
+def tune_mosaic(case: Case, tokens_list, *, stages=(2,), tails_only: bool = False) -> dict:
+    """Sweep ``_mosaic_candidates`` for both projections of ``case`` (fragment byte order),
+    then the winner's :func:`tail_variants` against it. ``tails_only``: the second stage
+    alone, from the device's current entries (problems without a tuned entry are left
+    alone)."""
     table = {}
     for label, act, key, insts, gs in _tune_problems(case, tokens_list, "wint2", case.frag):
         op = functools.partial(_mosaic_op, activation=act)
-        cands = _mosaic_candidates(insts[0][0].shape[0], case.shape.experts,
-                                   key.k // kernel_mosaic.BLOCK_K, act, stages=stages,
-                                   max_rows=int(gs.max()))
-        name, entry = _sweep(op, insts, cands, key, f"mosaic {label}")
-        table[name] = entry
+        if tails_only:
+            best = config_lib.tuned_mosaic_entry(key)
+            if best is None or not tail_variants(best):
+                continue
+        else:
+            cands = _mosaic_candidates(insts[0][0].shape[0], case.shape.experts,
+                                       key.k // kernel_mosaic.BLOCK_K, act, stages=stages,
+                                       max_rows=int(gs.max()))
+            name, entry = _sweep(op, insts, cands, key, f"mosaic {label}")
+            table[name] = entry
+            best = config_lib.MosaicConfig(**entry["config"])
+        if variants := tail_variants(best):
+            name, entry = _sweep(op, insts, [best, *variants], key, f"mosaic {label} tails")
+            table[name] = entry
     return table
 
 
@@ -616,6 +640,8 @@ def main(argv=None) -> int:
     p.add_argument("--tune-mosaic", action="store_true",
                    help="sweep the Mosaic WINT2 kernel's configs, write tuned/<device>.json")
     p.add_argument("--stages", default="2", help="pipeline stages --tune-mosaic sweeps")
+    p.add_argument("--tails-only", action="store_true",
+                   help="--tune-mosaic: only sweep the current entries' tail heights")
     p.add_argument("--dense", action="store_true",
                    help="time the dense (attention / dense MLP / lm_head) linears instead")
     p.add_argument("--linears", default=None,
@@ -669,7 +695,8 @@ def main(argv=None) -> int:
             if case.frag is None:
                 raise SystemExit("--tune-mosaic needs a Hopper GPU (the Mosaic WINT2 kernel)")
             stages = tuple(int(v) for v in a.stages.split(","))
-            _write_tuned(tune_mosaic(case, tokens, stages=stages), meta, "mosaic")
+            _write_tuned(tune_mosaic(case, tokens, stages=stages, tails_only=a.tails_only),
+                         meta, "mosaic")
             continue
         for t in tokens:
             for routing in a.routings.split(","):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 from typing import NamedTuple
@@ -102,6 +103,9 @@ class MosaicConfig:
         runs in every warp (10 % of the 1-token kernel's instructions with one step a pipeline
         step, results/NOTES.md §49); more steps cost shared memory (x, bytes and scales of each
         a stage) and registers: 2 wins under mma.sync, wgmma tiles and 4 lose (§50).
+      tails: shorter tile heights (ascending multiples of 8 below ``block_m``; wgmma only): a
+        tile of ``r`` rows (an expert's last) runs as the smallest of them ``>= r``, so its
+        wgmmas skip the padding rows past that height. One code path each in the kernel.
     """
 
     block_m: int
@@ -112,8 +116,10 @@ class MosaicConfig:
     mma: str = "wgmma"
     planes: str = "bf16"
     k_unroll: int = 1
+    tails: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "tails", tuple(self.tails))  # a JSON list from the table
         if self.block_m % 8 or not 8 <= self.block_m <= 256:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
         if self.stages < 1:
@@ -134,6 +140,13 @@ class MosaicConfig:
             raise ValueError("planes='fp16' needs mma='sync'")
         if self.k_unroll not in (1, 2, 4):
             raise ValueError(f"k_unroll={self.k_unroll} must be 1, 2 or 4")
+        heights = (*self.tails, self.block_m)
+        if self.tails and (any(h % 8 or h < 8 for h in self.tails)
+                           or any(a >= b for a, b in itertools.pairwise(heights))):
+            raise ValueError(f"tails={self.tails} must be ascending multiples of 8 below "
+                             f"block_m={self.block_m}")
+        if self.tails and self.mma != "wgmma":
+            raise ValueError("tails need mma='wgmma'")
 
     def to_dict(self) -> dict[str, int | str]:
         return dataclasses.asdict(self)
@@ -209,6 +222,11 @@ def _nearest(table: dict, want: TunedKey):
             and largest_rows >= LARGE_ROWS // 8):
         return largest
     return best
+
+
+def tuned_mosaic_entry(key: TunedKey) -> MosaicConfig | None:
+    """The device's Mosaic entry of exactly this key (no nearest bucket), if any."""
+    return _tuned_table(device_key(), "mosaic").get(str(key))
 
 
 def tuned_mosaic_config(m: int, k: int, n_out: int, *, activation: str | None = None,

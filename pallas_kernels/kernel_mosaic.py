@@ -678,7 +678,9 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     own accumulators), which share the program's x tile: x is read from L2 once per ``64 *
     col_blocks`` columns instead of once per 64. ``mma == "sync"``: per-warp ``mma.sync`` with
     fp32 scale groups; x's group sums (``sums``, :func:`group_sums`) ride along as a pipelined
-    input.
+    input. ``config.tails`` (wgmma): a tile of fewer rows (an expert's last) runs as the
+    smallest of those heights that holds them, its wgmmas reading only that many rows of the
+    x stage (one code path a height; ``results/NOTES.md`` §69).
     ``planes == "fp16"``: ``x_planes`` fp16 from :func:`fp16_row_scales` and
     :func:`fp16_plane_columns`, ``row_inv`` fp32 ``[m_out]`` the inverse row scales.
     ``icodes``: ``(A, B)`` int32 ``[G, N]`` (:func:`integer_codes`): each warp (16 columns) whose
@@ -783,7 +785,8 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
     def warpgroup_barrier(_):
         _mgpu()[-1].warpgroup_barrier()
 
-    def store(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, act=swiglu, inv_ref=None):
+    def store(accs, ss_refs, rs_ref, out_ref, row0_ref, hi_ref, *, act=swiglu, inv_ref=None,
+              bm=block_m):
         na, ns = len(accs), len(ss_refs)
         extra = [r for r in (rs_ref, inv_ref) if r is not None]
         arg_types = (plgpu.Layout.WGMMA,) * na + (plgpu.RefType(),) * (ns + 3 + len(extra))
@@ -793,7 +796,7 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             accs, ss_r, (o_r, r0_r, hi_r, *ex) = args[:na], args[na:na + ns], args[na + ns:]
             rs_r = ex.pop(0) if rs_ref is not None else None
             inv_r = ex.pop(0) if inv_ref is not None else None
-            _store_tile(accs, ss_r, rs_r, o_r, r0_r, hi_r, bm=block_m, swiglu=act, inv_ref=inv_r)
+            _store_tile(accs, ss_r, rs_r, o_r, r0_r, hi_r, bm=bm, swiglu=act, inv_ref=inv_r)
 
         _store(*accs, *ss_refs, out_ref, row0_ref, hi_ref, *extra)
 
@@ -819,12 +822,12 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
             targets = [(out_ref.at[:, pl.ds(ob * BLOCK_N, BLOCK_N)],
                         list(range(j * halves, (j + 1) * halves))) for j, ob in enumerate(obs)]
 
-        def store_tile(vals, ss_refs):  # vals == []: a padding tile, zeros
+        def store_tile(vals, ss_refs, bm=block_m):  # vals == []: a padding tile, zeros
             for cols, idx in targets:
                 store([vals[i] for i in idx] if vals else [],
                       [ss_refs[i] for i in idx] if vals else [], None if split else rs_ref,
                       cols, row0_ref.at[tile], hi_ref.at[tile], act=swiglu and not split,
-                      inv_ref=inv_ref if vals else None)
+                      inv_ref=inv_ref if vals else None, bm=bm)
 
         @pl.when((hi > row0) & (g < num_groups))
         def _compute():
@@ -883,23 +886,31 @@ def grouped_matmul(x_planes, qwf, wsf, ss, cs, zp, tiles, row_scale, *, activati
                 store_tile(list(vals), ss_refs)
                 return
 
-            def with_accs(*accs):
-                def step(_, x_smem, *w_smem):
-                    for sub, (h, acc) in itertools.product(range(unroll), enumerate(accs)):
-                        for p, a_t in enumerate(planes_of(h, w_smem, consts[h], sub)):
-                            plane = x_smem.at[:, pl.ds(BLOCK_K * sub + 64 * p, 64)]
-                            plgpu.wgmma(acc, a_t, plane.T)
-                            if schedule == "one":  # at most one wgmma in flight reads registers
-                                plgpu.wgmma_wait(1)
-                        if schedule == "half":
-                            plgpu.wgmma_wait(0)
-                    plgpu.wgmma_wait(0)
+            def wgmma_tile(bm):  # the tile as ``bm`` rows: x rows past them are not read
+                def with_accs(*accs):
+                    def step(_, x_smem, *w_smem):
+                        x_rows = x_smem if bm == block_m else x_smem.at[pl.ds(0, bm)]
+                        for sub, (h, acc) in itertools.product(range(unroll), enumerate(accs)):
+                            for p, a_t in enumerate(planes_of(h, w_smem, consts[h], sub)):
+                                plane = x_rows.at[:, pl.ds(BLOCK_K * sub + 64 * p, 64)]
+                                plgpu.wgmma(acc, a_t, plane.T)
+                                if schedule == "one":  # one wgmma in flight reads registers
+                                    plgpu.wgmma_wait(1)
+                            if schedule == "half":
+                                plgpu.wgmma_wait(0)
+                        plgpu.wgmma_wait(0)
 
-                plgpu.emit_pipeline(step, grid=(psteps,), in_specs=[x_spec, *w_specs],
-                                    max_concurrent_steps=stages)(*args)
-                store_tile([acc[...] for acc in accs], ss_refs)
+                    plgpu.emit_pipeline(step, grid=(psteps,), in_specs=[x_spec, *w_specs],
+                                        max_concurrent_steps=stages)(*args)
+                    store_tile([acc[...] for acc in accs], ss_refs, bm=bm)
 
-            pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, block_m), f32)] * len(nbs))
+                pl.run_scoped(with_accs, *[plgpu.ACC((BLOCK_N, bm), f32)] * len(nbs))
+
+            # A tile of r rows runs the smallest height >= r (config.tails, then block_m).
+            rows, lower = hi - row0, 0
+            for bm in (*config.tails, block_m):
+                pl.when((rows > lower) & (rows <= bm))(functools.partial(wgmma_tile, bm))
+                lower = bm
 
         @pl.when((hi > row0) & (g >= num_groups))
         def _padding():
@@ -1212,14 +1223,16 @@ def heuristic_config(m: int, groups: int, activation=None, *, n_out: int | None 
     134, 282 -> 262: §43); under ``mma.sync`` two K steps a pipeline step where ``k`` (the
     depth) has an even number of them (300B at 4 / 16 tokens: up_gate 219 -> 209, 451 -> 423
     µs, down at 16 tokens 252 -> 235; wgmma tiles lose, from the shared memory it costs:
-    §50)."""
+    §50); wgmma tiles of 48+ rows with every multiple of 16 below as a tail height (an
+    expert's last tile: 300B at 256 / 1024 tokens 2-8 % a projection, §69)."""
     bm = block_m_for(m, groups)
     wide = _rows_per_expert(m, groups) >= 64 and n_out is not None and (n_out // BLOCK_N) % 2 == 0
     sync = bm == 8
     unroll = 2 if sync and k is not None and (k // BLOCK_K) % 2 == 0 else 1
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(activation),
                         col_blocks=2 if wide else 1, mma="sync" if sync else "wgmma",
-                        planes="fp16" if sync else "bf16", k_unroll=unroll)
+                        planes="fp16" if sync else "bf16", k_unroll=unroll,
+                        tails=tuple(range(16, bm, 16)) if bm >= 48 and not sync else ())
 
 
 def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:

@@ -1,6 +1,7 @@
 """``pallas_kernels.bench``'s protocol pieces that run anywhere: the timer, the Mosaic sweep's
 candidates, and the tuned-table writer (the timings themselves need the GPU machine)."""
 
+import dataclasses
 import json
 import types
 
@@ -79,12 +80,55 @@ def test_mosaic_candidates_follow_the_shape():
     swiglu = list(bench._mosaic_candidates(8192, 64, 32, "swiglu"))
     assert {c.col_blocks for c in swiglu} == {1, 2}  # 8 accumulators would not fit
     assert {c.mma for c in swiglu} == {"wgmma"}  # mma.sync only for tiles of <= 16 rows
-    assert kernel_mosaic.heuristic_config(8192, 64, "swiglu", n_out=3584) in swiglu
+    # the heuristic's tile, its tail heights left to the second stage (tail_variants)
+    heuristic = kernel_mosaic.heuristic_config(8192, 64, "swiglu", n_out=3584)
+    assert dataclasses.replace(heuristic, tails=()) in swiglu
+    assert heuristic in bench.tail_variants(dataclasses.replace(heuristic, tails=()))
     # the most rows of one expert: heights that cut it into 1, 2, 3 tiles (151 -> -, 80, 56)
     fit = list(bench._mosaic_candidates(8192, 64, 32, "swiglu", max_rows=151))
     assert {c.block_m for c in fit} == {32, 56, 64, 80}
     plain = list(bench._mosaic_candidates(6144, 64, 6, None, max_rows=116))
     assert {c.block_m for c in plain} == {32, 40, 64, 120}  # one accumulator: up to 128
+
+
+def test_tail_variants_of_a_wgmma_tile():
+    cfg = config.MosaicConfig(block_m=80, col_blocks=2)
+    assert [c.tails for c in bench.tail_variants(cfg)] == [(16, 32, 48, 64), (40,)]
+    assert all(dataclasses.replace(c, tails=()) == cfg for c in bench.tail_variants(cfg))
+    assert [c.tails for c in bench.tail_variants(config.MosaicConfig(block_m=32))] == [(16,)]
+    assert bench.tail_variants(config.MosaicConfig(block_m=16)) == []
+    assert bench.tail_variants(config.MosaicConfig(block_m=48, mma="sync")) == []
+    # the variant already in the entry is not timed twice
+    assert [c.tails for c in bench.tail_variants(config.MosaicConfig(
+        block_m=48, tails=(24,)))] == [(16, 32)]
+
+
+def test_tails_only_tune_times_each_tuned_entry_against_its_variants(tmp_path, monkeypatch):
+    """``--tune-mosaic --tails-only``: only problems with an entry of their own key are swept,
+    the entry first, then its tail variants; the winner is what gets written."""
+    key = "wint2|none|64|256|128|1024"
+    entry = {"config": config.MosaicConfig(block_m=48).to_dict(), "us": 1.0}
+    (tmp_path / f"{config.device_key()}.json").write_text(json.dumps({"mosaic": {key: entry}}))
+    monkeypatch.setattr(config, "TUNED_DIR", tmp_path)
+    config._tuned_table.cache_clear()
+    problems = [(lbl, None, config.TunedKey("wint2", "none", 64, 256, 128, rows),
+                 [(jnp.zeros((rows, 256), jnp.bfloat16), None, None)], None)
+                for lbl, rows in (("down tokens=128", 1024), ("down tokens=1", 8))]
+    swept = []
+
+    def sweep(op, insts, cands, k, label):
+        swept.append((str(k), [c.tails for c in cands]))
+        return str(k), {"config": cands[-1].to_dict(), "us": 0.5}
+
+    monkeypatch.setattr(bench, "_tune_problems", lambda *a: iter(problems))
+    monkeypatch.setattr(bench, "_sweep", sweep)
+    case = types.SimpleNamespace(frag=None, shape=types.SimpleNamespace(experts=64))
+    try:
+        table = bench.tune_mosaic(case, [128, 1], tails_only=True)
+    finally:
+        config._tuned_table.cache_clear()
+    assert swept == [(key, [(), (16, 32), (24,)])]
+    assert list(table) == [key] and table[key]["config"]["tails"] == (24,)
 
 
 def test_write_tuned_keeps_the_other_section(tmp_path, monkeypatch):

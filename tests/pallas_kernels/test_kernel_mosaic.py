@@ -223,6 +223,22 @@ def test_config_comes_from_the_tuned_table_else_the_rules(tmp_path, monkeypatch)
         MosaicConfig(block_m=8, k_unroll=3)
 
 
+def test_tail_heights_are_checked_and_chosen_by_the_rules():
+    """``MosaicConfig.tails``: ascending multiples of 8 below block_m, wgmma only, a JSON list
+    read back as a tuple; the heuristic gives wgmma tiles of 48+ rows every multiple of 16."""
+    for bad in ((48, 16), (16, 16), (12,), (0,), (80,), (96,)):
+        with pytest.raises(ValueError, match="tails="):
+            MosaicConfig(block_m=80, tails=bad)
+    with pytest.raises(ValueError, match="tails need mma='wgmma'"):
+        MosaicConfig(block_m=16, mma="sync", tails=(8,))
+    cfg = MosaicConfig(block_m=80, tails=[16, 40])
+    assert cfg.tails == (16, 40) and MosaicConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert kernel_mosaic.heuristic_config(8192, 64, None, n_out=8192).tails == (16, 32, 48)
+    assert kernel_mosaic.heuristic_config(2048, 64, "swiglu").block_m == 64
+    assert kernel_mosaic.heuristic_config(1024, 64, "swiglu").tails == ()  # 32-row tiles
+    assert kernel_mosaic.heuristic_config(8, 64, "swiglu").tails == ()  # mma.sync
+
+
 @pytest.mark.skipif(ON_SM90, reason="on sm90 the kernel runs")
 def test_reference_path_of_fragments_equals_rows():
     w = _rand_linear(256, 128, 3)
@@ -296,6 +312,14 @@ GPU_CASES = [
          k_unroll=2, seed=27),
     dict(k=1024, n=512, e=3, m=200, row_scale=True, block_m=48, col_blocks=2, k_unroll=2,
          layers=2, layer=1, seed=28),
+    # shorter heights for tiles of fewer rows (each expert's last tile; m=300 over 4 experts
+    # leaves last tiles of every height class, and empty experts)
+    dict(k=512, n=512, e=4, m=300, activation="swiglu", block_m=80, schedule="one",
+         tails=(16, 48), seed=29),
+    dict(k=1024, n=512, e=5, m=300, row_scale=True, block_m=48, col_blocks=2, k_unroll=2,
+         tails=(8, 24, 32), layers=2, layer=1, seed=30),
+    dict(k=768, n=256, e=3, m=200, activation="swiglu", row_scale=True, block_m=64,
+         split_k=3, tails=(32,), seed=31),
 ]
 
 
@@ -308,7 +332,8 @@ def _parse(case: dict) -> types.SimpleNamespace:
                                                col_blocks=c.pop("col_blocks", 1),
                                                mma=c.pop("mma", "wgmma"),
                                                planes=c.pop("planes", "bf16"),
-                                               k_unroll=c.pop("k_unroll", 1))
+                                               k_unroll=c.pop("k_unroll", 1),
+                                               tails=c.pop("tails", ()))
     out = types.SimpleNamespace(
         k=c.pop("k"), n=c.pop("n"), e=c.pop("e"), m=c.pop("m"), seed=c.pop("seed", 0),
         layers=c.pop("layers", None), layer=c.pop("layer", None),
