@@ -21,8 +21,9 @@ expert labels rotated so that the instances touch different weights while their 
 dispatch overlaps GPU work; median over 5 repetitions of wall time / (calls x R). Output: JSON
 lines (``--out``) and a table printed last. ``--tune`` sweeps the Triton kernel's configs on the
 two grouped projections, ``--tune-mosaic`` the Mosaic kernel's (tile rows, pipeline stages,
-decode schedule, K split, column blocks a program); both write ``tuned/<device>.json`` (the only
-writer of those files).
+decode schedule, K split, column blocks a program, K steps a pipeline step, the instruction;
+then the winner's tail heights, ``--tails-only`` those alone); both write ``tuned/<device>.json``
+(the only writer of those files).
 """
 
 from __future__ import annotations

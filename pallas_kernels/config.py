@@ -148,7 +148,7 @@ class MosaicConfig:
         if self.tails and self.mma != "wgmma":
             raise ValueError("tails need mma='wgmma'")
 
-    def to_dict(self) -> dict[str, int | str]:
+    def to_dict(self) -> dict[str, int | str | tuple[int, ...]]:
         return dataclasses.asdict(self)
 
 
