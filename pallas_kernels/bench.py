@@ -559,7 +559,7 @@ def tail_variants(cfg: config_lib.MosaicConfig) -> list[config_lib.MosaicConfig]
     results/NOTES.md §69); every multiple of 8 never won."""
     if cfg.mma != "wgmma" or cfg.block_m < 24:
         return []
-    sets = dict.fromkeys((tuple(range(16, cfg.block_m, 16)), (-(-cfg.block_m // 16) * 8,)))
+    sets = dict.fromkeys((config_lib.every_16_below(cfg.block_m), (-(-cfg.block_m // 16) * 8,)))
     return [dataclasses.replace(cfg, tails=s) for s in sets if s != cfg.tails]
 
 

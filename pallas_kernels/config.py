@@ -78,6 +78,12 @@ MOSAIC_MMAS = ("wgmma", "sync")
 MOSAIC_PLANES = ("bf16", "fp16")
 
 
+def every_16_below(block_m: int) -> tuple[int, ...]:
+    """Tail heights every 16 rows below ``block_m`` (:attr:`MosaicConfig.tails`): the
+    heuristic's, and the tuner's first variant."""
+    return tuple(range(16, block_m, 16))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicConfig:
     """Launch choices of the Mosaic GPU WINT2 kernel (``kernel_mosaic.py``).

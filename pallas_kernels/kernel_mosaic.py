@@ -28,9 +28,10 @@ scale nibbles are pre-arranged the same way (4 bytes a lane quad a step, :func:`
     per plane s in (9, 6, 3, 0):           window w -> bf16 128 + w (lop3 with 0x4300)
       A = fma.rn.bf16x2(128 + w, nib, -160 * nib) = bf16(q * nib),  q = w - 32
 
-Optionally (``to_fragments(w, integer=True)``, ``results/NOTES.md`` §60) the code step is one
-integer multiply-add, ``code = (u * A + B) >> 16`` with per-column ``A, B`` fitted by the host
-(:func:`integer_codes`), in each warp whose 16 columns all have an exact pair.
+By default (``to_fragments``' ``integer``, ``results/NOTES.md`` §60) the code step is one
+integer multiply-add, ``code = (u * A + B) >> 16`` with per-column ``A, B`` stored by the
+converter or fitted by the host (:func:`integer_codes`), in each warp whose 16 columns all have
+an exact pair.
 
 ``zp + 0.5`` is formed once per program (exact while ``|zp| < 2^22``): for codes below 2^22,
 adding 0.5 to a float whose ulp is at most 0.5 commutes with round-to-nearest, and at a power of
@@ -100,7 +101,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import MOSAIC_SCHEDULES, MosaicConfig, tuned_mosaic_config
+from .config import MOSAIC_SCHEDULES, MosaicConfig, every_16_below, tuned_mosaic_config
 from .reference import apply_epilogue
 
 BLOCK_N = 64  # output columns per warpgroup (wgmma M)
@@ -1146,7 +1147,7 @@ def to_fragments(w: dict, *, in_place: bool = False, integer: bool | None = None
     shape = local_shape(w["quant_weight"])
     _check_dims(4 * shape[-2], shape[-1])
     if INTEGER_CODES if integer is None else integer:
-        w = w if "code_a" in w else integer_codes(w)  # stored by the converter, or fitted here
+        w = w if INTEGER_CODE_LEAVES[0] in w else integer_codes(w)  # stored, or fitted here
     else:  # the float step: leaves a converted checkpoint stores are dropped, not used
         w = {leaf: a for leaf, a in w.items() if leaf not in INTEGER_CODE_LEAVES}
     return _reorder(w, {"quant_weight": _frag_q, "weight_scale": _frag_s}, in_place=in_place)
@@ -1232,7 +1233,7 @@ def heuristic_config(m: int, groups: int, activation=None, *, n_out: int | None 
     return MosaicConfig(block_m=bm, stages=2, schedule=schedule_for(activation),
                         col_blocks=2 if wide else 1, mma="sync" if sync else "wgmma",
                         planes="fp16" if sync else "bf16", k_unroll=unroll,
-                        tails=tuple(range(16, bm, 16)) if bm >= 48 and not sync else ())
+                        tails=every_16_below(bm) if bm >= 48 and not sync else ())
 
 
 def config_for(m: int, k: int, n_out: int, groups: int, activation=None) -> MosaicConfig:
@@ -1350,8 +1351,8 @@ def _projection(x, w: dict, group_sizes, *, activation, row_scale, out_dtype, la
                           swiglu_partials=swiglu_partials)
     rs = None if row_scale is None else row_scale.astype(jnp.float32)
     icodes = None
-    if "code_a" in w:  # the integer code step (integer_codes), [L, E, N] -> [L*E, N]
-        icodes = tuple(w[leaf].reshape(-1, n) for leaf in ("code_a", "code_b"))
+    if INTEGER_CODE_LEAVES[0] in w:  # the integer code step (integer_codes), [L, E, N] -> [L*E, N]
+        icodes = tuple(w[leaf].reshape(-1, n) for leaf in INTEGER_CODE_LEAVES)
     out = grouped_matmul(ops.x_planes, qwf, wsf, ss, cs, zp, ops.tiles, rs, activation=activation,
                          out_dtype=out_dtype, config=cfg, m_out=m, row_inv=ops.row_inv,
                          sums=ops.sums, icodes=icodes)
