@@ -79,7 +79,9 @@ def summarize(timings: list[RequestTiming], wall: float, concurrency: int,
     ttft = np.array([t.ttft for t in timings]) * 1e3
     itl = np.array([x for t in timings for x in t.itls] or [0.0]) * 1e3
     out_tokens = sum(t.num_output_tokens for t in timings)
-    pct = lambda a, q: round(float(np.percentile(a, q)), 2)  # noqa: E731
+    # µs resolution: a client that wakes once for several steps' tokens sees gaps of a few µs,
+    # which 10 µs rounding reported as 0.0
+    pct = lambda a, q: round(float(np.percentile(a, q)), 3)  # noqa: E731
     return {
         "concurrency": concurrency, "requests": len(timings), "prompt_len": prompt_len,
         "output_tokens": out_tokens, "wall_s": round(wall, 3),

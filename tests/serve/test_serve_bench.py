@@ -16,7 +16,10 @@ def test_bench_mock_sweep(tmp_path, capsys):
     for r in rows:
         assert r["requests"] == 6 and r["output_tokens"] == 30        # ignore_eos: exact
         assert 0 < r["ttft_ms_p50"] <= r["ttft_ms_p90"] <= r["ttft_ms_p99"]
-        assert 0 < r["itl_ms_p50"] <= r["itl_ms_p99"] and r["output_tok_s"] > 0
+        # a worker that wakes once for tokens of several steps measures near-zero gaps (the
+        # mock engine steps in ~0.2 ms), so only the tail has to be a real step
+        assert 0 <= r["itl_ms_p50"] <= r["itl_ms_p90"] <= r["itl_ms_p99"]
+        assert r["itl_ms_p99"] > 0 and r["output_tok_s"] > 0
         assert r["new_compilations"] == 0                               # warmed per level
     assert "| conc |" in capsys.readouterr().out
 
