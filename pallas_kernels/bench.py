@@ -572,8 +572,7 @@ def tune_mosaic(case: Case, tokens_list, *, stages=(2,), tails_only: bool = Fals
     for label, act, key, insts, gs in _tune_problems(case, tokens_list, "wint2", case.frag):
         op = functools.partial(_mosaic_op, activation=act)
         if tails_only:
-            best = config_lib.tuned_mosaic_entry(key)
-            if best is None or not tail_variants(best):
+            if (best := config_lib.tuned_mosaic_entry(key)) is None:
                 continue
         else:
             cands = _mosaic_candidates(insts[0][0].shape[0], case.shape.experts,
