@@ -286,6 +286,18 @@ fma.rn.bf16x2 $2, x, one, m128; fma.rn.bf16x2 $3, x, m160, k;
 }}"""
 
 
+# A scale nibble as an f32 without a conversion instruction (the mma.sync path's group scaling):
+# ``(w >> shift) & 15 | 0x4B000000`` is the float 2^23 + nib, exactly; the caller subtracts 2^23
+# on the FMA pipe, where ``cvt.rn.f32.u32`` (I2FP) would take the ALU pipe, the 1-token kernels'
+# busiest unit (results/NOTES.md §76).
+_NIB_F32_ASM = """{{
+.reg .b32 t, m, g;
+mov.b32 m, 15; mov.b32 g, 0x4B000000;
+shr.b32 t, $1, {shift};
+lop3.b32 $0, t, m, g, 0xEA;
+}}"""
+
+
 def _mgpu():
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, vector
@@ -546,10 +558,15 @@ def _apply_groups(acc, parts, s_smem, xg_ref, col0: int = 0):
     tid, lane, _ = _thread_rows()
     bm = acc.shape[1]
     sword = _scale_word(s_smem, tid)
+    two23 = arith.constant(f32, 2.0**23)
+
+    def nibble(shift):  # (w >> shift) & 15 as f32: 2^23 + nib from one lop3, less 2^23
+        [bits] = _asm(llvm, ir, _NIB_F32_ASM.format(shift=shift), "=r,r", [sword], 1)
+        return arith.subf(arith.bitcast(f32, bits), two23)
+
     # byte (row half i, scale row c // 2): high nibble group 2 * (c // 2), low nibble the next
-    nib = [[arith.uitofp(f32, arith.andi(arith.shrui(
-        sword, mu.c(8 * (2 * i + c // 2) + (0 if c % 2 else 4), i32)), mu.c(15, i32)))
-        for c in range(4)] for i in range(2)]
+    nib = [[nibble(8 * (2 * i + c // 2) + (0 if c % 2 else 4)) for c in range(4)]
+           for i in range(2)]
     c2 = arith.muli(arith.remui(lane, mu.c(4, i32)), mu.c(2, i32))
     out = np.empty_like(acc.registers)
     for jj in range(bm // 8):
