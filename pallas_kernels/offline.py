@@ -132,13 +132,14 @@ def _compile_fn():
     return fn
 
 
-def compile_resources(lower, dump: Path) -> Resources:
-    """Lower (``lower()`` traces a jitted function for CUDA), compile the one Mosaic GPU kernel
-    it holds into ``dump`` and read its resources."""
+def compile_resources(lower, dump: Path) -> tuple[Resources, Path]:
+    """Lower (``lower()`` traces a jitted function for CUDA) and compile the one Mosaic GPU
+    kernel it holds; its resources, and the new directory under ``dump`` that holds its PTX,
+    ptxas report (and SASS, with ``MOSAIC_GPU_DUMP_SASS``)."""
     from jax.experimental.mosaic.gpu import core
 
-    for f in dump.iterdir():
-        f.unlink()
+    out = Path(tempfile.mkdtemp(prefix="kernel_", dir=dump))
+    os.environ["MOSAIC_GPU_DUMP_TO"] = str(out)
     core.KNOWN_KERNELS.clear()
     lower()
     if len(core.KNOWN_KERNELS) != 1:
@@ -147,13 +148,13 @@ def compile_resources(lower, dump: Path) -> Resources:
     _compile_fn()(module, len(module))  # fails at loading the cubin: no device, as expected
 
     def one(suffix: str) -> str:
-        found = sorted(dump.glob(f"*{suffix}"))
+        found = sorted(out.glob(f"*{suffix}"))
         if not found:
-            raise RuntimeError(f"the compile left no *{suffix} in {dump} (did it run?)")
+            raise RuntimeError(f"the compile left no *{suffix} in {out} (did it run?)")
         return found[-1].read_text()
 
     regs, spill = parse_ptxas(one(".ptxas"))
-    return Resources(regs, spill, parse_smem(one(".resources.txt")))
+    return Resources(regs, spill, parse_smem(one(".resources.txt"))), out
 
 
 def projection_lowering(shape_name: str, proj: str, tokens: int, overrides: dict):
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     ctypes.CDLL(str(stand_in_driver()), mode=ctypes.RTLD_GLOBAL)  # before the plugin looks
     dump = args.dump or Path(tempfile.mkdtemp(prefix="jaxwint2_offline_"))
     dump.mkdir(parents=True, exist_ok=True)
-    os.environ.update(JAX_PLATFORMS="cpu", MOSAIC_GPU_DUMP_TO=str(dump), MOSAIC_GPU_DUMP_PTXAS="1",
+    os.environ.update(JAX_PLATFORMS="cpu", MOSAIC_GPU_DUMP_PTXAS="1",
                       MOSAIC_GPU_DUMP_RESOURCES="1", MOSAIC_GPU_DUMP_PTX="1")
     from jax.experimental.mosaic.gpu import core  # noqa: F401  (sets MOSAIC_GPU_CUDA_ROOT)
 
@@ -216,12 +217,12 @@ def main(argv=None) -> int:
     config_lib.device_key = lambda: args.device
     lower, config = projection_lowering(args.shape, args.proj, args.tokens,
                                         json.loads(args.config))
-    res = compile_resources(lower, dump)
-    ptxas = shutil.which("ptxas")
+    res, files = compile_resources(lower, dump)
     print(json.dumps({"shape": args.shape, "proj": args.proj, "tokens": args.tokens,
-                      "device_table": args.device,
-                      "config": config.to_dict(), **dataclasses.asdict(res),
-                      "per_sm": res.programs_per_sm(), "ptxas": ptxas}))
+                      "device_table": args.device, "config": config.to_dict(),
+                      **dataclasses.asdict(res), "per_sm": res.programs_per_sm(),
+                      "ptxas": shutil.which("ptxas"),
+                      "files": str(files) if args.dump else None}))
     if args.dump is None:
         shutil.rmtree(dump, ignore_errors=True)
     return 0
