@@ -85,7 +85,8 @@ are re-ordered on their own), a Hopper GPU. There is no CPU
 interpreter for it (Mosaic GPU's is private and hangs on jax 0.10): CI checks the byte order,
 the reference path, and that every configuration the GPU tests run lowers for CUDA (Mosaic GPU's
 layout and shape checks run on a CPU); the kernel itself is tested on the GPU
-(``tests/pallas_kernels/test_kernel_mosaic.py``).
+(``tests/pallas_kernels/test_kernel_mosaic.py``). Its registers, shared memory and SASS can be
+had without one: ``python -m pallas_kernels.offline`` compiles it through ptxas on a CPU host.
 """
 
 from __future__ import annotations
