@@ -178,12 +178,16 @@ def _row_operands(p, j, src, x_ref, cols_ref, xp_ref, sums_ref, inv_ref, *, k: i
     first = j * (kp // chunk)  # the piece's first chunk
     planes = [plane_of(first + c, t) for c in range(kp // chunk) for t in range(4)]
     if fp16:  # fp16_row_scales, frexp's exponent from the float bits
-        # The whole row's largest |x|: with pieces, every piece reads the whole row again (they
-        # are for rows few enough that this costs nothing). Elementwise over the planes first:
-        # one reduction across threads, not one a plane.
-        row = planes if pieces == 1 else [plane_of(c, t) for c in range(k // chunk)
-                                          for t in range(4)]
-        amax = jnp.max(functools.reduce(jnp.maximum, (jnp.abs(v) for _, v in row)))
+        # The whole row's largest |x|. One piece: its planes are the row (elementwise over them
+        # first, then one reduction across threads). Several: every piece reads the whole row
+        # again, in one contiguous pass in x's own column order (past K, column K - 1 again),
+        # not plane by plane in the plane order's strided gathers: the fused down's launch at
+        # one token took 8.2 µs that way against 3.1 with bf16 planes (results/NOTES.md §75).
+        if pieces == 1:
+            row = [v for _, v in planes]
+        else:
+            row = [row_values(jnp.minimum(jnp.arange(_next_pow2(k), dtype=jnp.int32), k - 1))]
+        amax = jnp.max(functools.reduce(jnp.maximum, (jnp.abs(v) for v in row)))
         biased = (jax.lax.bitcast_convert_type(amax, jnp.int32) >> 23) & 0xFF
         ex = jnp.maximum(jnp.where(amax > 0, biased - 126, 0), km.FP16_MIN_EXPONENT)
         scale = jax.lax.bitcast_convert_type((141 - ex) << 23, jnp.float32)  # 2^(14 - e)
