@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -116,6 +117,7 @@ def stand_in_driver(cache: Path | None = None) -> Path:
     return lib
 
 
+@functools.cache
 def _compile_fn():
     """The CUDA plugin's ``MosaicGpuCompile`` (module bytes -> compiled kernel handle)."""
     try:
@@ -166,17 +168,15 @@ def projection_lowering(shape_name: str, proj: str, tokens: int, overrides: dict
     from . import kernel_mosaic, shapes
 
     s = shapes.SHAPES[shape_name]
-    k, n, act = ((s.hidden, 2 * s.inter, "swiglu") if proj == "up_gate"
-                 else (s.inter, s.hidden, None))
-    m = tokens * s.top_k
-    config = kernel_mosaic.config_for(m, k, n // 2 if act else n, s.experts, act)
+    (k, n), act = (s.up_gate, "swiglu") if proj == "up_gate" else (s.down, None)
+    m, e = tokens * s.top_k, s.experts
+    config = kernel_mosaic.config_for(m, k, n // 2 if act else n, e, act)
     config = dataclasses.replace(config, **overrides)
     sd = jax.ShapeDtypeStruct
-    e = s.experts
-    w = {"quant_weight": sd((e, k // 4, n), jnp.uint8),
-         "weight_scale": sd((e, k // 128, n), jnp.uint8),
-         **{f: sd((e, n), jnp.float32) for f in ("super_scales", "code_scale", "code_zp")},
-         **{f: sd((e, n), jnp.int32) for f in kernel_mosaic.INTEGER_CODE_LEAVES}}
+    # The runtime layout's leaves (as shapes.random_linear makes them), with the integer code
+    # step's, which to_fragments adds by default
+    w = jax.eval_shape(lambda key: shapes.random_linear(key, "wint2", k, n, e), jax.random.key(0))
+    w |= {f: sd((e, n), jnp.int32) for f in kernel_mosaic.INTEGER_CODE_LEAVES}
 
     def f(x, w, gs):
         return kernel_mosaic.grouped_matmul_fragments(x, w, gs, activation=act, config=config)

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         wsf = jax.random.bits(kq, (s.experts, n // BLOCK_N, k // BLOCK_K, 128), jnp.uint8)
         insts = [(jax.random.normal(jax.random.key(i), (8 * tiles, k), jnp.bfloat16), qwf, wsf)
                  for i in range(4)]
-        packed = tiles * (k // 4) * n * (1 + 1 / 32)  # bytes and scale bytes the tiles read
+        packed = tiles * shapes.packed_bytes("wint2", k, n)  # what the tiles' experts hold
         base = dict(tiles=tiles, stages=cfg.stages, k_unroll=cfg.k_unroll, split_k=cfg.split_k,
                     halves=2 if act else 1)
         for variant in ({}, {"with_x": False}, {"with_scales": False}, {"stages": 4}):
